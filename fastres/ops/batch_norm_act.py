@@ -1,0 +1,187 @@
+"""The fused BatchNorm (+ residual add) (+ ReLU) operator.
+
+    out = relu?(batch_norm(input) + residual?)
+
+Two operator pairs implement it, with one autograd formula and one fake (meta) kernel:
+
+* ``torch.ops.fastres.bn_act_forward`` / ``bn_act_backward``: C++ (csrc/cpu) and CUDA C++
+  (csrc/cuda) kernels, declared with TORCH_LIBRARY in csrc/ops.cpp;
+* ``torch.ops.fastres.bn_act_forward_triton`` / ``bn_act_backward_triton``: the Triton kernels of
+  ``fastres.kernels.batch_norm_act``, registered with ``torch.library.triton_op`` so that
+  torch.compile sees the kernels.
+
+Both forward ops are functional: they return ``(out, mean, var)`` (var is the biased batch
+variance, or a copy of running_var in eval), and :func:`batch_norm_act` updates the running
+statistics from them, so autograd and torch.compile need no mutation inside the op.
+
+What backward keeps (memory is a headline feature):
+* BatchNorm+ReLU: the input and two fp32 vectors of C (mean, var); the ReLU mask is recomputed
+  from the input with the forward's own arithmetic, so the output is not kept.
+* BatchNorm+add+ReLU: the input, the output (its ReLU mask; in a ResNet the output is the next
+  block's input, which its convolution keeps anyway, so this costs no extra memory) and the
+  two vectors. The residual itself is not kept.
+* weight and bias (parameters, kept anyway).
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._extension import _C  # noqa: F401  (loads the C++ operator library)
+
+__all__ = ["batch_norm_act"]
+
+
+def _stat_dtype(input: Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton operators (the kernels are imported lazily: triton is optional and TRITON_INTERPRET
+# must be set before it is first imported).
+# ---------------------------------------------------------------------------------------------
+@torch.library.triton_op("fastres::bn_act_forward_triton", mutates_args=())
+def _bn_act_forward_triton(
+    input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import batch_norm_act as kernels
+
+    return kernels.bn_act_forward(input, residual, weight, bias, running_mean, running_var,
+                                  training, eps, relu)
+
+
+@torch.library.triton_op("fastres::bn_act_backward_triton", mutates_args=())
+def _bn_act_backward_triton(
+    grad_output: Tensor, input: Tensor, output: Optional[Tensor], weight: Optional[Tensor],
+    bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float, relu: bool,
+    has_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels import batch_norm_act as kernels
+
+    return kernels.bn_act_backward(grad_output, input, output, weight, bias, mean, var, training,
+                                   eps, relu, has_residual)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes, dtypes and strides of the outputs, for torch.compile/opcheck.
+# ---------------------------------------------------------------------------------------------
+def _fake_forward(input, residual, weight, bias, running_mean, running_var, training, eps, relu):
+    c = input.shape[1]
+    sd = _stat_dtype(input)
+    return torch.empty_like(input), input.new_empty((c,), dtype=sd), input.new_empty((c,), dtype=sd)
+
+
+def _fake_backward(grad_output, input, output, weight, bias, mean, var, training, eps, relu,
+                   has_residual):
+    c = input.shape[1]
+    sd = _stat_dtype(input)
+    grad_residual = torch.empty_like(input) if has_residual else input.new_empty((0,))
+    return (torch.empty_like(input), grad_residual, input.new_empty((c,), dtype=sd),
+            input.new_empty((c,), dtype=sd))
+
+
+torch.library.register_fake("fastres::bn_act_forward", _fake_forward)
+torch.library.register_fake("fastres::bn_act_backward", _fake_backward)
+torch.library.register_fake("fastres::bn_act_forward_triton", _fake_forward)
+torch.library.register_fake("fastres::bn_act_backward_triton", _fake_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+def _same_layout(t: Tensor, ref: Tensor) -> Tensor:
+    """`t` with the strides of `ref` (copied only when they differ)."""
+    if t.stride() == ref.stride():
+        return t
+    out = torch.empty_like(ref)
+    out.copy_(t)
+    return out
+
+
+def _make_autograd(backward_op):
+    def setup_context(ctx, inputs, output):
+        input, residual, weight, bias, _rm, _rv, training, eps, relu = inputs
+        out, mean, var = output
+        has_residual = residual is not None
+        keep_out = relu and has_residual
+        ctx.save_for_backward(input, out if keep_out else None, weight, bias, mean, var)
+        ctx.config = (training, eps, relu, has_residual)
+        ctx.mark_non_differentiable(mean, var)
+
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        input, out, weight, bias, mean, var = ctx.saved_tensors
+        training, eps, relu, has_residual = ctx.config
+        grad_out = _same_layout(grad_out, input)
+        grad_input, grad_residual, grad_weight, grad_bias = backward_op(
+            grad_out, input, out, weight, bias, mean, var, training, eps, relu, has_residual)
+        return (
+            grad_input,
+            grad_residual if has_residual else None,
+            grad_weight.to(weight.dtype) if weight is not None else None,
+            grad_bias.to(bias.dtype) if bias is not None else None,
+            None, None, None, None, None,
+        )
+
+    return backward, setup_context
+
+
+for _fwd, _bwd in (("fastres::bn_act_forward", torch.ops.fastres.bn_act_backward),
+                   ("fastres::bn_act_forward_triton", torch.ops.fastres.bn_act_backward_triton)):
+    _backward, _setup = _make_autograd(_bwd)
+    torch.library.register_autograd(_fwd, _backward, setup_context=_setup)
+
+
+_FORWARD = {
+    "cpu": torch.ops.fastres.bn_act_forward,
+    "cuda": torch.ops.fastres.bn_act_forward,
+    "triton": torch.ops.fastres.bn_act_forward_triton,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point used by fastres.functional (inputs already validated there).
+# ---------------------------------------------------------------------------------------------
+def _dense_layout(t: Tensor) -> Tensor:
+    """`t` if it is contiguous or channels-last dense, else a contiguous copy."""
+    if t.is_contiguous() or t.dim() < 3:
+        return t.contiguous()
+    perm = [0, *range(2, t.dim()), 1]
+    if t.permute(perm).is_contiguous():
+        return t
+    return t.contiguous()
+
+
+def batch_norm_act(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                   training: bool, momentum: Optional[float], eps: float, relu: bool,
+                   num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """Run the fused op on the selected backend and update running statistics in training."""
+    name = backends.resolve(input.device)
+    input = _dense_layout(input)
+    if residual is not None:
+        residual = _same_layout(residual, input)
+    out, mean, var = _FORWARD[name](input, residual, weight, bias, running_mean, running_var,
+                                    training, eps, relu)
+    if training and running_mean is not None:
+        _update_running_stats(running_mean, running_var, mean, var, momentum, num_batches_tracked,
+                              input.numel() // input.shape[1])
+    return out
+
+
+def _update_running_stats(running_mean, running_var, mean, var, momentum, num_batches_tracked,
+                          count):
+    """As nn.BatchNorm: running = (1 - f) * running + f * batch, with the unbiased variance."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        unbiased = var * (count / (count - 1))
+        if momentum is None:  # cumulative moving average
+            f = 1.0 / num_batches_tracked.to(mean.dtype)
+            running_mean.mul_(1 - f).add_(mean * f)
+            running_var.mul_(1 - f).add_(unbiased * f)
+        else:
+            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)

@@ -134,6 +134,16 @@ for _fwd, _bwd in (("fastres::bn_act_forward", torch.ops.fastres.bn_act_backward
     torch.library.register_autograd(_fwd, _backward, setup_context=_setup)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fastres: the fused BatchNorm ops do not support double backward "
+                       "(a gradient of their gradient); use the unfused PyTorch ops for that")
+
+
+for _op in ("fastres::bn_act_backward", "fastres::bn_act_backward_triton"):
+    torch.library.register_autograd(_op, _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
 _FORWARD = {
     "cpu": torch.ops.fastres.bn_act_forward,
     "cuda": torch.ops.fastres.bn_act_forward,

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One command for a GPU machine without internet: build fastres against the installed torch,
+# run the whole test suite (GPU tests included) and the op benchmark.
+#   bash scripts/gpu_check.sh            # results under ${OUT:-gpu_results}/
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+
+echo "== build"
+$PY -m pip install -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1 \
+  || { tail -60 "$OUT/build.log"; exit 1; }
+$PY -c "import fastres, torch; print(fastres.build_info(), fastres.available_backends(), torch.__version__)" \
+  | tee -a "$OUT/gpu.txt" || exit 1
+
+echo "== tests"
+$PY -m pytest tests/ -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+rc=${PIPESTATUS[0]}
+
+echo "== op benchmark (ResNet-50 BatchNorm shapes, batch 256, bf16, channels_last)"
+$PY -m fastres.bench.op_benchmark --json "$OUT/op_bench.json" 2>&1 | tee "$OUT/op_bench.md"
+$PY -m fastres.bench.op_benchmark --forward-only --json "$OUT/op_bench_fwd.json" 2>&1 | tee "$OUT/op_bench_fwd.md"
+exit "$rc"

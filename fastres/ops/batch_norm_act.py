@@ -22,6 +22,7 @@ What backward keeps (memory is a headline feature):
   two vectors. The residual itself is not kept.
 * weight and bias (parameters, kept anyway).
 """
+import os
 from typing import Optional
 
 import torch
@@ -39,9 +40,17 @@ def _stat_dtype(input: Tensor) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------
 # Triton operators (the kernels are imported lazily: triton is optional and TRITON_INTERPRET
-# must be set before it is first imported).
+# must be set before it is first imported). On a GPU they are triton_ops, whose kernels
+# torch.compile sees; under TRITON_INTERPRET=1 (CPU tensors) they are opaque custom ops,
+# because PyTorch cannot trace interpreted kernels.
 # ---------------------------------------------------------------------------------------------
-@torch.library.triton_op("fastres::bn_act_forward_triton", mutates_args=())
+def _triton_operator(name):
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return torch.library.custom_op(name, mutates_args=())
+    return torch.library.triton_op(name, mutates_args=())
+
+
+@_triton_operator("fastres::bn_act_forward_triton")
 def _bn_act_forward_triton(
     input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
@@ -53,7 +62,7 @@ def _bn_act_forward_triton(
                                   training, eps, relu)
 
 
-@torch.library.triton_op("fastres::bn_act_backward_triton", mutates_args=())
+@_triton_operator("fastres::bn_act_backward_triton")
 def _bn_act_backward_triton(
     grad_output: Tensor, input: Tensor, output: Optional[Tensor], weight: Optional[Tensor],
     bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float, relu: bool,

@@ -87,7 +87,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastres", "fastres.ops", "fastres.bench", "fastres.kernels"],
+    packages=["fastres", "fastres.ops", "fastres.nn", "fastres.models", "fastres.bench", "fastres.kernels"],
     package_dir={"fastres": "fastres", "fastres.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,0 +1,152 @@
+"""Residual blocks of He et al. (2015), torchvision v1.5 layout (stride on the 3x3).
+
+One class serves both the fused model (``fused=True``: fastres BatchNorm modules, BN folded
+into the convolutions in eval) and the plain-PyTorch reference (``fused=False``); parameter
+names and state_dict keys are torchvision's (``conv1``, ``bn1``, ..., ``downsample.0/1``).
+
+Shortcuts (the paper's options):
+  "A": identity; when the shape changes, stride-2 subsampling and zero-padded extra channels
+       (no parameters);
+  "B": identity, and a 1x1 projection + BN only when the shape changes (torchvision's choice);
+  "C": a 1x1 projection + BN on every block.
+``residual=False`` gives the paper's plain networks (no shortcut at all).
+"""
+from typing import Optional
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv_bn import conv_bn_act, make_batch_norm
+
+__all__ = ["BasicBlock", "Bottleneck", "ShortcutA", "SHORTCUTS"]
+
+SHORTCUTS = ("A", "B", "C")
+
+
+def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class ShortcutA(nn.Module):
+    """Option A: subsample with `stride` and append zero channels up to `out_channels`."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"shortcut A cannot reduce channels ({in_channels} -> {out_channels})")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride != 1:
+            x = x[:, :, ::self.stride, ::self.stride]
+        if self.out_channels > self.in_channels:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+def make_shortcut(shortcut: str, residual: bool, in_channels: int, out_channels: int,
+                  stride: int, fused: bool) -> Optional[nn.Module]:
+    """The `downsample` module of a block (None = identity or no shortcut)."""
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
+    if not residual:
+        return None
+    changes = stride != 1 or in_channels != out_channels
+    if shortcut == "C" or (shortcut == "B" and changes):
+        return nn.Sequential(conv1x1(in_channels, out_channels, stride),
+                             make_batch_norm(out_channels, relu=False, residual=False,
+                                             fused=fused))
+    if shortcut == "A" and changes:
+        return ShortcutA(in_channels, out_channels, stride)
+    return None
+
+
+class _Block(nn.Module):
+    def _shortcut(self, x: Tensor) -> Tensor:
+        ds = self.downsample
+        if ds is None:
+            return x
+        if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d) \
+                and isinstance(ds[1], nn.BatchNorm2d):
+            return conv_bn_act(ds[0], ds[1], x, relu=False, fused=self.fused)
+        return ds(x)
+
+    def _last(self, conv, bn, out, x):
+        if self.residual:
+            return conv_bn_act(conv, bn, out, self._shortcut(x), relu=True, fused=self.fused)
+        return conv_bn_act(conv, bn, out, relu=True, fused=self.fused)
+
+
+class BasicBlock(_Block):
+    """3x3 conv-BN-ReLU, 3x3 conv-BN, add the shortcut, ReLU (ResNet-18/34, CIFAR nets).
+
+    The positional arguments are torchvision's; a given `downsample` module is used as is,
+    otherwise the block builds its shortcut from `shortcut`.
+    """
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer=None, *, fused: bool = True, shortcut: str = "B",
+                 residual: bool = True):
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        if norm_layer not in (None, nn.BatchNorm2d):
+            raise ValueError("fastres blocks use BatchNorm2d; norm_layer cannot be changed")
+        self.fused, self.residual = fused, residual
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = make_batch_norm(planes, relu=True, residual=False, fused=fused)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = make_batch_norm(planes, relu=True, residual=residual, fused=fused)
+        self.downsample = downsample if downsample is not None else make_shortcut(
+            shortcut, residual, inplanes, planes * self.expansion, stride, fused)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_bn_act(self.conv1, self.bn1, x, relu=True, fused=self.fused)
+        return self._last(self.conv2, self.bn2, out, x)
+
+
+class Bottleneck(_Block):
+    """1x1 conv-BN-ReLU, 3x3 conv-BN-ReLU (stride here, v1.5), 1x1 conv-BN, add, ReLU
+    (ResNet-50/101/152)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer=None, *, fused: bool = True, shortcut: str = "B",
+                 residual: bool = True):
+        super().__init__()
+        if norm_layer not in (None, nn.BatchNorm2d):
+            raise ValueError("fastres blocks use BatchNorm2d; norm_layer cannot be changed")
+        width = int(planes * (base_width / 64.0)) * groups
+        self.fused, self.residual = fused, residual
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = make_batch_norm(width, relu=True, residual=False, fused=fused)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = make_batch_norm(width, relu=True, residual=False, fused=fused)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = make_batch_norm(planes * self.expansion, relu=True, residual=residual,
+                                   fused=fused)
+        self.downsample = downsample if downsample is not None else make_shortcut(
+            shortcut, residual, inplanes, planes * self.expansion, stride, fused)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_bn_act(self.conv1, self.bn1, x, relu=True, fused=self.fused)
+        out = conv_bn_act(self.conv2, self.bn2, out, relu=True, fused=self.fused)
+        return self._last(self.conv3, self.bn3, out, x)

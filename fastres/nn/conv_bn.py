@@ -1,0 +1,159 @@
+"""Convolution + BatchNorm (+ residual add) (+ ReLU), with BatchNorm folded into the
+convolution for inference.
+
+Training (or whenever gradients are needed) runs the convolution, then the fused BatchNorm op.
+In eval mode, with no gradient needed, the BatchNorm is folded into the convolution's weight
+and bias, ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``,
+and the add and ReLU run in the convolution's epilogue: on CUDA through cuDNN's fused
+``torch.cudnn_convolution_relu`` / ``torch.cudnn_convolution_add_relu``, elsewhere as
+``conv2d`` + add + ReLU. The folded weights are cached on the BatchNorm module and recomputed
+whenever the convolution's or BatchNorm's parameters or buffers change (in-place updates,
+``load_state_dict``, ``.to()``), so a model never runs on stale folded weights; under
+torch.compile they are recomputed inside the graph.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .batch_norm import BatchNormAct2d
+
+__all__ = ["ConvBNReLU", "conv_bn_act", "fold_conv_bn"]
+
+
+def _tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    return [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                        bn.running_var) if t is not None]
+
+
+def can_fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    """Eval mode with running statistics, zero padding, and no gradient needed."""
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        return False
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(conv, bn)):
+        return False
+    return True
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtype] = None,
+                 memory_format=torch.contiguous_format):
+    """(weight, bias) of the convolution with the eval-mode BatchNorm folded in (fp32 math)."""
+    with torch.no_grad():
+        invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
+        scale = invstd if bn.weight is None else bn.weight.float() * invstd
+        shift = -bn.running_mean.float() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.float()
+        if conv.bias is not None:
+            shift = shift + conv.bias.float() * scale
+        weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
+        dtype = dtype or conv.weight.dtype
+        return weight.to(dtype).contiguous(memory_format=memory_format), shift.to(dtype)
+
+
+def _cache_key(conv, bn, dtype, memory_format):
+    parts = [dtype, memory_format]
+    for t in _tensors(conv, bn):
+        parts += [t.data_ptr(), t._version, t.dtype, t.device]
+    return tuple(parts)
+
+
+def _folded(conv, bn, dtype, memory_format):
+    if torch.compiler.is_compiling():
+        return fold_conv_bn(conv, bn, dtype, memory_format)
+    key = _cache_key(conv, bn, dtype, memory_format)
+    cache = bn.__dict__.get("_fastres_folded")
+    if cache is None or cache[0] != key:
+        cache = (key, *fold_conv_bn(conv, bn, dtype, memory_format))
+        bn.__dict__["_fastres_folded"] = cache
+    return cache[1], cache[2]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
+                       residual: Optional[Tensor], relu: bool) -> Tensor:
+    """Eval-mode conv + BN (+ add) (+ ReLU) as one convolution with folded weights."""
+    dtype = _compute_dtype(x)
+    channels_last = x.dim() == 4 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    weight, bias = _folded(conv, bn, dtype, fmt)
+    x = x.to(dtype)
+    if residual is not None:
+        residual = residual.to(dtype)
+    if x.is_cuda and relu and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
+        if residual is None:
+            return torch.cudnn_convolution_relu(x, weight, bias, conv.stride, conv.padding,
+                                                conv.dilation, conv.groups)
+        return torch.cudnn_convolution_add_relu(x, weight, residual.contiguous(memory_format=fmt),
+                                                1.0, bias, conv.stride, conv.padding,
+                                                conv.dilation, conv.groups)
+    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
+                relu: bool = True, fused: bool = True) -> Tensor:
+    """relu?(bn(conv(x)) + residual?), fused when `fused` (and folded in eval)."""
+    if fused and can_fold(conv, bn):
+        return folded_conv_bn_act(conv, bn, x, residual, relu)
+    y = conv(x)
+    if residual is not None and residual.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
+        # autocast: the residual joins the low-precision activations (as the next conv would)
+        residual = residual.to(y.dtype)
+    if fused and isinstance(bn, BatchNormAct2d) and bn.relu == relu and bn.fused:
+        return bn._forward(y, residual)
+    y = bn(y)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+class ConvBNReLU(nn.Module):
+    """Conv2d (no bias) + BatchNorm2d + optional ReLU; forward(x, residual=None).
+
+    State dict keys: ``conv.weight``, ``bn.weight``, ``bn.bias``, ``bn.running_mean``, ... With
+    ``fused=True`` the BatchNorm is a fastres BatchNormReLU2d/BatchNormAddReLU2d (when
+    ``relu``), with ``fused=False`` a plain nn.BatchNorm2d and unfused PyTorch ops.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: Optional[int] = None, groups: int = 1, dilation: int = 1,
+                 relu: bool = True, residual: bool = False, fused: bool = True, device=None,
+                 dtype=None):
+        super().__init__()
+        if padding is None:
+            padding = (kernel_size - 1) // 2 * dilation
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                              dilation=dilation, groups=groups, bias=False, device=device,
+                              dtype=dtype)
+        self.bn = make_batch_norm(out_channels, relu=relu, residual=residual, fused=fused,
+                                  device=device, dtype=dtype)
+        self.relu = relu
+        self.fused = fused
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return conv_bn_act(self.conv, self.bn, x, residual, self.relu, self.fused)
+
+
+def make_batch_norm(channels: int, *, relu: bool, residual: bool, fused: bool, device=None,
+                    dtype=None) -> nn.BatchNorm2d:
+    """The BatchNorm module for a conv-BN(-add)(-ReLU): fused subclass or plain BatchNorm2d."""
+    from .batch_norm import BatchNormAddReLU2d, BatchNormReLU2d
+
+    if not fused or not relu:
+        return nn.BatchNorm2d(channels, device=device, dtype=dtype)
+    if residual:
+        return BatchNormAddReLU2d(channels, device=device, dtype=dtype)
+    return BatchNormReLU2d(channels, device=device, dtype=dtype)

@@ -23,4 +23,8 @@ rc=${PIPESTATUS[0]}
 echo "== op benchmark (ResNet-50 BatchNorm shapes, batch 256, bf16, channels_last)"
 $PY -m fastres.bench.op_benchmark --json "$OUT/op_bench.json" 2>&1 | tee "$OUT/op_bench.md"
 $PY -m fastres.bench.op_benchmark --forward-only --json "$OUT/op_bench_fwd.json" 2>&1 | tee "$OUT/op_bench_fwd.md"
+
+echo "== model benchmark (ResNet-18/50/152, batch 256, AMP bf16, channels_last)"
+$PY -m fastres.bench.model_benchmark --json "$OUT/model_bench.json" 2>&1 | tee "$OUT/model_bench.md"
+$PY -m fastres.demo --device cuda --dtype bf16 --batch-size 256 --channels 64 --size 56 2>&1 | tee "$OUT/demo.txt"
 exit "$rc"

@@ -11,14 +11,18 @@ from ._extension import build_info
 from .backends import available_backends, backend, get_backend, set_backend
 from . import ops
 from . import functional
+from . import nn
+from .nn import convert_sync_batchnorm
 
 __all__ = [
     "__version__",
     "available_backends",
     "backend",
     "build_info",
+    "convert_sync_batchnorm",
     "functional",
     "get_backend",
+    "nn",
     "ops",
     "set_backend",
 ]

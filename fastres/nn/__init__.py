@@ -2,6 +2,8 @@
 from .batch_norm import BatchNormAct2d, BatchNormAddReLU2d, BatchNormReLU2d
 from .blocks import BasicBlock, Bottleneck, ShortcutA
 from .conv_bn import ConvBNReLU, conv_bn_act, fold_conv_bn
+from .sync_batch_norm import (SyncBatchNormAct2d, SyncBatchNormAddReLU2d, SyncBatchNormReLU2d,
+                              convert_sync_batchnorm)
 
 __all__ = [
     "BasicBlock",
@@ -11,6 +13,10 @@ __all__ = [
     "Bottleneck",
     "ConvBNReLU",
     "ShortcutA",
+    "SyncBatchNormAct2d",
+    "SyncBatchNormAddReLU2d",
+    "SyncBatchNormReLU2d",
+    "convert_sync_batchnorm",
     "conv_bn_act",
     "fold_conv_bn",
 ]

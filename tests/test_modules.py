@@ -191,3 +191,23 @@ def test_save_load_weights_only_round_trip():
     for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), k
     assert isinstance(m2.bn3, BatchNormAddReLU2d)
+
+
+def test_fold_cache_sees_plain_batchnorm_train_updates():
+    """The projection shortcut's BN is a plain nn.BatchNorm2d, whose train-mode running-stat
+    update does not bump the tensors' _version: eval -> train -> eval must still refold."""
+    torch.manual_seed(0)
+    fused = BasicBlock(8, 16, 2, fused=True)
+    plain = BasicBlock(8, 16, 2, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 8, 8, 8) + 1
+    for m in (fused, plain):
+        m.eval()
+        with torch.no_grad():
+            m(x)
+        m.train()
+        with torch.no_grad():
+            m(x)
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -56,8 +56,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtyp
 
 
 def _cache_key(conv, bn, dtype, memory_format):
+    """Identifies the tensors the folded weights were computed from, and their versions.
+
+    nn.BatchNorm2d updates its running statistics in training without bumping their
+    ``_version`` (the update happens inside the batch_norm kernel), but it always increments
+    ``num_batches_tracked`` in place, which does; so the counter is part of the key.
+    """
     parts = [dtype, memory_format]
-    for t in _tensors(conv, bn):
+    counter = getattr(bn, "num_batches_tracked", None)
+    for t in _tensors(conv, bn) + ([counter] if counter is not None else []):
         parts += [t.data_ptr(), t._version, t.dtype, t.device]
     return tuple(parts)
 

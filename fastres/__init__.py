@@ -5,6 +5,9 @@
                                                weight, bias, training=True)
     fastres.set_backend("triton")            # or "auto" (default), "cuda", "cpu"
     with fastres.backend("cpu"): ...
+
+    model = fastres.models.resnet50()        # fused, torchvision-compatible state_dict
+    model = fastres.fuse(torchvision_model)  # convert a torchvision ResNet in place
 """
 from .version import __version__
 from ._extension import build_info
@@ -12,7 +15,9 @@ from .backends import available_backends, backend, get_backend, set_backend
 from . import ops
 from . import functional
 from . import nn
+from . import models
 from .nn import convert_sync_batchnorm
+from .fuse import fuse, unfuse  # the function shadows the module name (fastres.fuse)
 
 __all__ = [
     "__version__",
@@ -21,8 +26,11 @@ __all__ = [
     "build_info",
     "convert_sync_batchnorm",
     "functional",
+    "fuse",
+    "models",
     "get_backend",
     "nn",
     "ops",
     "set_backend",
+    "unfuse",
 ]

@@ -1,4 +1,4 @@
-"""The README's demo and the op benchmark run end to end on CPU (small sizes)."""
+"""The README's demo and the op and model benchmarks run end to end on CPU (small sizes)."""
 import json
 
 from fastres import demo
@@ -19,3 +19,18 @@ def test_op_benchmark_small_cpu_run(tmp_path):
     data = json.loads(path.read_text())
     assert data["rows"][0]["ms"]["fastres cpu"] > 0
     assert data["rows"][1]["shape"] == [2, 2048, 7, 7]
+
+
+def test_model_benchmark_small_cpu_run(tmp_path):
+    from fastres.bench import model_benchmark
+
+    path = tmp_path / "models.json"
+    rows = model_benchmark.main(["--device", "cpu", "--models", "resnet18", "--batch-size", "2",
+                                 "--image-size", "32", "--no-compile", "--warmup", "0",
+                                 "--iters", "1", "--json", str(path)])
+    assert [(r["model"], r["mode"]) for r in rows] == [("resnet18", "train"),
+                                                       ("resnet18", "infer")]
+    data = json.loads(path.read_text())
+    for row in data["rows"]:
+        assert set(row["results"]) == {"torchvision eager", "fastres eager"}
+        assert all(ips > 0 for ips, _ in row["results"].values())

@@ -92,6 +92,8 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
+    extras_require={"triton": ["triton"], "bench": ["matplotlib", "tqdm"],
+                    "test": ["pytest", "pytest-benchmark", "torchvision", "matplotlib"]},
+    entry_points={"console_scripts": ["fastres-bench=fastres.bench.cli:main"]},
     zip_safe=False,
 )

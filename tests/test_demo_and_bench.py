@@ -18,19 +18,21 @@ def test_op_benchmark_small_cpu_run(tmp_path):
     assert [r["op"] for r in rows] == ["bn_relu", "bn_add_relu"]
     data = json.loads(path.read_text())
     assert data["rows"][0]["ms"]["fastres cpu"] > 0
+    assert 0 < data["rows"][0]["bandwidth_fraction"]["unfused eager"] < 100
+    assert data["copy_bandwidth_bytes_per_s"] > 0
     assert data["rows"][1]["shape"] == [2, 2048, 7, 7]
 
 
-def test_model_benchmark_small_cpu_run(tmp_path):
-    from fastres.bench import model_benchmark
+def test_run_models_small_cpu_run():
+    import torch
+    from fastres.bench.model_benchmark import run_models
 
-    path = tmp_path / "models.json"
-    rows = model_benchmark.main(["--device", "cpu", "--models", "resnet18", "--batch-size", "2",
-                                 "--image-size", "32", "--no-compile", "--warmup", "0",
-                                 "--iters", "1", "--json", str(path)])
-    assert [(r["model"], r["mode"]) for r in rows] == [("resnet18", "train"),
-                                                       ("resnet18", "infer")]
-    data = json.loads(path.read_text())
-    for row in data["rows"]:
-        assert set(row["results"]) == {"torchvision eager", "fastres eager"}
-        assert all(ips > 0 for ips, _ in row["results"].values())
+    seen = []
+    rows = run_models(["resnet18"], ["train", "infer"], ["torchvision", "fastres"],
+                      batch_size=2, image_size=32, dtype=torch.float32, channels_last=True,
+                      device="cpu", warmup=0, iters=1, progress=seen.append)
+    assert seen == [f"resnet18 {m} {v}" for m in ("train", "infer")
+                    for v in ("torchvision", "fastres")]
+    assert [(r["model"], r["mode"], r["variant"]) for r in rows] == [
+        tuple(s.split()) for s in seen]
+    assert all("error" not in r and r["images_per_s"] > 0 for r in rows)

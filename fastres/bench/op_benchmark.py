@@ -6,97 +6,43 @@
 
 Each row is one BatchNorm layer shape of ResNet-50 (torchvision v1.5 layout). The timed step
 is forward + backward (all input gradients) unless --forward-only; times are medians of CUDA
-event timings after warm-up. Prints a markdown table; --json FILE writes the numbers.
+event timings after warm-up. Each time also gives the useful bandwidth (the minimal traffic of
+the op, fastres.bench.workloads.op_bytes, over the time) as a fraction of the device's
+measured copy bandwidth. Prints a markdown table; --json FILE writes the numbers.
 """
 import argparse
 import json
-import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
-import fastres
-from fastres.functional import batch_norm_add_relu, batch_norm_relu
+from .timing import copy_bandwidth, measure
+from .workloads import DTYPES, RESNET50_BN_SHAPES, fastres_backends, make_op_step, op_bytes
 
-# (op, channels, height/width) for every distinct BatchNorm of ResNet-50 (count in the net)
-RESNET50_BN_SHAPES = [
-    ("bn_relu", 64, 112, 1), ("bn_relu", 64, 56, 6), ("bn_add_relu", 256, 56, 3),
-    ("bn_relu", 128, 56, 1), ("bn_relu", 128, 28, 7), ("bn_add_relu", 512, 28, 4),
-    ("bn_relu", 256, 28, 1), ("bn_relu", 256, 14, 11), ("bn_add_relu", 1024, 14, 6),
-    ("bn_relu", 512, 14, 1), ("bn_relu", 512, 7, 5), ("bn_add_relu", 2048, 7, 3),
-]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+__all__ = ["bench_case", "main"]
 
 
-def unfused(x, r, rm, rv, w, b):
-    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
-    if r is not None:
-        y = y + r
-    return F.relu(y)
+def implementations(device: torch.device, compile: bool):
+    """(column name, implementation) pairs timed on `device`."""
+    impls = [("unfused eager", "eager")]
+    if compile:
+        impls.append(("unfused torch.compile", "compile"))
+    impls += [(f"fastres {b}", f"fastres:{b}") for b in fastres_backends(device)]
+    return impls
 
 
-def fused(x, r, rm, rv, w, b):
-    if r is None:
-        return batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5)
-    return batch_norm_add_relu(x, r, rm, rv, w, b, True, 0.1, 1e-5)
-
-
-def timer(device, fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def bench_shape(op, c, hw, args, device, dtype):
-    shape = (args.batch_size, c, hw, hw)
-    x = torch.randn(shape, device=device, dtype=dtype)
-    if not args.nchw:
-        x = x.contiguous(memory_format=torch.channels_last)
-    r = torch.randn_like(x) if op == "bn_add_relu" else None
-    w = torch.ones(c, device=device, requires_grad=True)
-    b = torch.zeros(c, device=device, requires_grad=True)
-    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-    x.requires_grad_(True)
-    if r is not None:
-        r.requires_grad_(True)
-    leaves = [t for t in (x, r, w, b) if t is not None]
-    g = torch.randn_like(x)
-
-    def step(fn):
-        def run():
-            if args.forward_only:
-                with torch.no_grad():
-                    fn(x, r, rm, rv, w, b)
-            else:
-                torch.autograd.grad(fn(x, r, rm, rv, w, b), leaves, g)
-        return run
-
-    results = {"unfused eager": timer(device, step(unfused), args.warmup, args.reps)}
-    if args.compile:
-        compiled = torch.compile(unfused)
-        results["unfused torch.compile"] = timer(device, step(compiled), args.warmup, args.reps)
-    names = ["cpu"] if device.type == "cpu" else [n for n in ("cuda", "triton")
-                                                   if n in fastres.available_backends()]
-    for name in names:
-        with fastres.backend(name):
-            results[f"fastres {name}"] = timer(device, step(fused), args.warmup, args.reps)
-    return shape, results
+def bench_case(case, *, batch_size, dtype, channels_last, device, backward, compile, warmup,
+               reps):
+    """{column: Measurement-dict with "bandwidth_fraction"} for one OpCase."""
+    device = torch.device(device)
+    nbytes = op_bytes(case, batch_size, dtype, backward)
+    peak_bw = copy_bandwidth(device)
+    results = {}
+    for column, impl in implementations(device, compile):
+        step = make_op_step(case, batch_size, dtype, channels_last, device, impl, backward)
+        m = measure(step, device, warmup=warmup, iters=reps).as_dict()
+        m["bandwidth_fraction"] = nbytes / (m["ms"] / 1e3) / peak_bw
+        results[column] = m
+    return results
 
 
 def main(argv=None):
@@ -123,30 +69,41 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     rows, columns = [], None
-    for op, c, hw, count in RESNET50_BN_SHAPES:
-        if hw > max_hw:
+    for case in RESNET50_BN_SHAPES:
+        if case.hw > max_hw:
             continue
-        shape, res = bench_shape(op, c, hw, args, device, dtype)
+        res = bench_case(case, batch_size=args.batch_size, dtype=dtype,
+                         channels_last=not args.nchw, device=device,
+                         backward=not args.forward_only, compile=args.compile,
+                         warmup=args.warmup, reps=args.reps)
         columns = columns or list(res)
-        rows.append({"op": op, "shape": list(shape), "count": count, "ms": res})
-        print(f"  {op} {tuple(shape)}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in res.items()),
-              flush=True)
+        shape = [args.batch_size, case.channels, case.hw, case.hw]
+        rows.append({"op": case.op, "shape": shape, "count": case.count,
+                     "ms": {k: v["ms"] for k, v in res.items()},
+                     "bandwidth_fraction": {k: v["bandwidth_fraction"] for k, v in res.items()},
+                     "peak_gib": {k: v["peak_gib"] for k, v in res.items()}})
+        print(f"  {case.op} {tuple(shape)}: "
+              + ", ".join(f"{k} {v['ms']:.3f} ms ({v['bandwidth_fraction']:.0%} of copy bw)"
+                          for k, v in res.items()), flush=True)
 
     layout = "NCHW" if args.nchw else "channels_last"
     mode = "forward" if args.forward_only else "forward+backward"
     name = torch.cuda.get_device_name(device) if gpu else "CPU"
-    print(f"\n{mode}, {dtype}, {layout}, batch {args.batch_size}, {name}, torch {torch.__version__}\n")
-    print("| op | shape | " + " | ".join(f"{c} ms" for c in columns) + " | best fastres vs eager | vs compile |")
+    bw = copy_bandwidth(device)
+    print(f"\n{mode}, {dtype}, {layout}, batch {args.batch_size}, {name}, torch {torch.__version__}, "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s\n")
+    print("| op | shape | " + " | ".join(f"{c} ms (% copy bw)" for c in columns)
+          + " | best fastres vs eager | vs compile |")
     print("|---" * (len(columns) + 4) + "|")
     total = {c: 0.0 for c in columns}
     for row in rows:
-        ms = row["ms"]
+        ms, frac = row["ms"], row["bandwidth_fraction"]
         for c in columns:
             total[c] += ms[c] * row["count"]
         best = min(v for k, v in ms.items() if k.startswith("fastres"))
         vs_compile = f"{ms['unfused torch.compile'] / best:.2f}x" if "unfused torch.compile" in ms else "-"
         print(f"| {row['op']} | {'x'.join(map(str, row['shape']))} | "
-              + " | ".join(f"{ms[c]:.3f}" for c in columns)
+              + " | ".join(f"{ms[c]:.3f} ({frac[c]:.0%})" for c in columns)
               + f" | {ms['unfused eager'] / best:.2f}x | {vs_compile} |")
     best_total = min(v for k, v in total.items() if k.startswith("fastres"))
     vs_compile = (f"{total['unfused torch.compile'] / best_total:.2f}x"
@@ -157,8 +114,9 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "dtype": str(dtype), "layout": layout, "mode": mode,
-                       "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows,
-                       "total_ms": total}, f, indent=1)
+                       "batch_size": args.batch_size, "torch": torch.__version__,
+                       "copy_bandwidth_bytes_per_s": bw, "rows": rows, "total_ms": total},
+                      f, indent=1)
     return rows
 
 

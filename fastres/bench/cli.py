@@ -1,0 +1,130 @@
+"""fastres-bench / python -m fastres.bench: whole-model comparison of fastres against
+torchvision eager and torch.compile.
+
+    python -m fastres.bench                                   # GPU: ResNet-18/50/152, batch 256
+    python -m fastres.bench --models resnet50 --mode infer --dtype bf16 --channels-last
+    python -m fastres.bench --device cpu --models resnet18 --batch-size 2 --image-size 32
+
+Prints a markdown table (images/s, peak GiB, speed-up of fastres over torchvision eager and
+over torchvision torch.compile) and writes it, the numbers as JSON and a bar chart (PNG) to
+--out. Defaults on a GPU: batch 256, 224 px, AMP bf16, channels_last, compile on, 5 warm-up
+and 20 timed steps (CUDA events). On a CPU: batch 4, 64 px, fp32, NCHW, no compile, 1 + 3.
+"""
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+from .model_benchmark import run_models
+from .report import bar_chart, environment, markdown_table, write_json
+from .workloads import DTYPES
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastres-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet18,resnet50,resnet152",
+                   help="comma-separated names of fastres.models.list_models() "
+                        "(default: %(default)s)")
+    p.add_argument("--mode", choices=["train", "infer", "both"], default="both",
+                   help="training step, inference, or both (default)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default 256 on GPU, 4 on CPU")
+    p.add_argument("--image-size", type=int, default=None, help="default 224 on GPU, 64 on CPU")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="fp32, or autocast bf16/fp16 (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last model and inputs (default on GPU, off on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile of both models (default on GPU, off on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (5 GPU, 1 CPU)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps (20 GPU, 3 CPU)")
+    p.add_argument("--out", default="bench_results",
+                   help="directory for results.md, results.json, results.png (default %(default)s)")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG chart")
+    args = p.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if device.type not in ("cuda", "cpu"):
+        p.error(f"--device must be cuda or cpu, got {args.device!r}")
+    gpu = device.type == "cuda"
+    defaults = dict(batch_size=256 if gpu else 4, image_size=224 if gpu else 64,
+                    dtype="bf16" if gpu else "fp32", channels_last=gpu, compile=gpu,
+                    warmup=5 if gpu else 1, iters=20 if gpu else 3)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("batch_size", "image_size", "iters"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    import fastres.models
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m.lower() not in fastres.models.list_models()]
+    if unknown or not args.models:
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join(fastres.models.list_models())}")
+    return args
+
+
+def _progress(total: int):
+    """A progress callback: tqdm when installed, else numbered lines on stderr."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        count = [0]
+
+        def report(what: str) -> None:
+            count[0] += 1
+            print(f"[{count[0]}/{total}] {what}", file=sys.stderr, flush=True)
+        return report, (lambda: None)
+    bar = tqdm(total=total, desc="fastres-bench", unit="run", file=sys.stderr)
+    started = [False]
+
+    def report(what: str) -> None:
+        if started[0]:
+            bar.update(1)
+        started[0] = True
+        bar.set_postfix_str(what)
+    return report, (lambda: (bar.update(1), bar.close()))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    modes = ["train", "infer"] if args.mode == "both" else [args.mode]
+    variants = ["torchvision", "fastres"]
+    if args.compile:
+        variants += ["torchvision compile", "fastres compile"]
+    meta = environment(args.device)
+    meta["settings"] = {"batch_size": args.batch_size, "image_size": args.image_size,
+                        "dtype": args.dtype if args.dtype == "fp32" else f"AMP {args.dtype}",
+                        "layout": "channels_last" if args.channels_last else "NCHW",
+                        "warmup": args.warmup, "iters": args.iters}
+    progress, done = _progress(len(args.models) * len(modes) * len(variants))
+    rows = run_models(args.models, modes, variants, batch_size=args.batch_size,
+                      image_size=args.image_size, dtype=DTYPES[args.dtype],
+                      channels_last=args.channels_last, device=args.device,
+                      warmup=args.warmup, iters=args.iters, progress=progress)
+    done()
+    table = markdown_table(rows, meta)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    write_json(os.path.join(args.out, "results.json"), rows, meta)
+    written = ["results.md", "results.json"]
+    if args.plot:
+        bar_chart(os.path.join(args.out, "results.png"), rows, meta)
+        written.append("results.png")
+    print(f"wrote {', '.join(os.path.join(args.out, w) for w in written)}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

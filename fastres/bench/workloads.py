@@ -1,0 +1,230 @@
+"""What the benchmarks time: BatchNorm op shapes, residual blocks and whole models, each as a
+ready-to-call step, for fastres and for the PyTorch baselines.
+
+Ops: every distinct BatchNorm of ResNet-50 (torchvision v1.5) as ``OpCase``; the
+implementations are ``"eager"`` (unfused PyTorch: batch_norm, add, relu), ``"compile"``
+(torch.compile of that sequence) and ``"fastres:<backend>"``.
+Blocks: ResNet-18's first BasicBlock and ResNet-50's first Bottleneck (56x56); ``"unfused"``
+(fused=False), ``"fused"`` and ``"fused compile"`` / ``"unfused compile"``.
+Models: ``"torchvision"``, ``"fastres"`` (fused), each optionally ``" compile"``; a training
+step is forward + cross-entropy + backward + SGD (momentum 0.9, weight decay 1e-4), inference
+is a forward under ``torch.no_grad()``; low precision runs under autocast (parameters fp32).
+"""
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastres
+from fastres.functional import batch_norm_add_relu, batch_norm_relu
+
+__all__ = [
+    "DTYPES", "OpCase", "RESNET50_BN_SHAPES", "BLOCKS", "op_bytes", "make_op_step",
+    "make_block_step", "make_model", "make_model_step", "fastres_backends",
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class OpCase:
+    op: str        # "bn_relu" or "bn_add_relu"
+    channels: int
+    hw: int        # height = width
+    count: int     # how many BatchNorms of ResNet-50 have this shape
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}-c{self.channels}-{self.hw}x{self.hw}"
+
+
+# every distinct BatchNorm of ResNet-50 (the downsample BNs have no ReLU and stay unfused)
+RESNET50_BN_SHAPES = [
+    OpCase("bn_relu", 64, 112, 1), OpCase("bn_relu", 64, 56, 6),
+    OpCase("bn_add_relu", 256, 56, 3), OpCase("bn_relu", 128, 56, 1),
+    OpCase("bn_relu", 128, 28, 7), OpCase("bn_add_relu", 512, 28, 4),
+    OpCase("bn_relu", 256, 28, 1), OpCase("bn_relu", 256, 14, 11),
+    OpCase("bn_add_relu", 1024, 14, 6), OpCase("bn_relu", 512, 14, 1),
+    OpCase("bn_relu", 512, 7, 5), OpCase("bn_add_relu", 2048, 7, 3),
+]
+
+# tensor-sized memory passes of a training-mode fused op: forward reads x for the statistics,
+# then reads x (and the residual) and writes y; backward reads the gradient, x (and the output,
+# whose sign is the ReLU mask) for the two reductions, then reads them again and writes
+# grad_input (and grad_residual). The same count is used for every implementation, so
+# bytes / time is the useful bandwidth each achieves.
+_PASSES = {("bn_relu", False): 3, ("bn_add_relu", False): 4,
+           ("bn_relu", True): 3 + 5, ("bn_add_relu", True): 4 + 8}
+
+
+def op_bytes(case: OpCase, batch: int, dtype: torch.dtype, backward: bool) -> int:
+    """Bytes a training-mode step of `case` must move at least (see _PASSES)."""
+    numel = batch * case.channels * case.hw * case.hw
+    return _PASSES[(case.op, backward)] * numel * torch.empty((), dtype=dtype).element_size()
+
+
+def fastres_backends(device: torch.device) -> List[str]:
+    """The fastres backends that run on `device` here."""
+    if device.type == "cpu":
+        return ["cpu"]
+    return [b for b in ("cuda", "triton") if b in fastres.available_backends()]
+
+
+def _unfused(x, r, rm, rv, w, b):
+    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    if r is not None:
+        y = y + r
+    return F.relu(y)
+
+
+def _fused(x, r, rm, rv, w, b):
+    if r is None:
+        return batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5)
+    return batch_norm_add_relu(x, r, rm, rv, w, b, True, 0.1, 1e-5)
+
+
+def _with_backend(name: str, fn: Callable) -> Callable:
+    def run():
+        with fastres.backend(name):
+            return fn()
+    return run
+
+
+def make_op_step(case: OpCase, batch: int, dtype: torch.dtype, channels_last: bool,
+                 device, impl: str, backward: bool) -> Callable[[], None]:
+    """A step that runs `case` once with `impl` ("eager", "compile", "fastres:<backend>"):
+    forward in training mode, and with `backward` the gradients of every input."""
+    device = torch.device(device)
+    c = case.channels
+    x = torch.randn(batch, c, case.hw, case.hw, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    r = torch.randn_like(x) if case.op == "bn_add_relu" else None
+    w = torch.ones(c, device=device, requires_grad=backward)
+    b = torch.zeros(c, device=device, requires_grad=backward)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    if backward:
+        x.requires_grad_(True)
+        if r is not None:
+            r.requires_grad_(True)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    g = torch.randn_like(x)
+
+    if impl == "eager":
+        fn = _unfused
+    elif impl == "compile":
+        fn = torch.compile(_unfused)
+    elif impl.startswith("fastres:"):
+        fn = _fused
+    else:
+        raise ValueError(f"unknown op implementation {impl!r}")
+
+    def step():
+        if backward:
+            torch.autograd.grad(fn(x, r, rm, rv, w, b), leaves, g)
+        else:
+            with torch.no_grad():
+                fn(x, r, rm, rv, w, b)
+
+    return _with_backend(impl.split(":", 1)[1], step) if impl.startswith("fastres:") else step
+
+
+# (name, block class name, inplanes, planes, feature map size): the first block of a stage
+BLOCKS = [("basic-64-56", "BasicBlock", 64, 64, 56),
+          ("bottleneck-256-56", "Bottleneck", 256, 64, 56)]
+
+
+def make_block_step(block: str, batch: int, dtype: torch.dtype, channels_last: bool, device,
+                    impl: str, train: bool, size: Optional[int] = None) -> Callable[[], None]:
+    """A step of one residual block from BLOCKS: `impl` is "fused", "unfused", "fused compile"
+    or "unfused compile"; training = forward + backward, inference = no_grad forward."""
+    from fastres.nn import BasicBlock, Bottleneck
+
+    device = torch.device(device)
+    _, cls_name, inplanes, planes, hw = next(b for b in BLOCKS if b[0] == block)
+    hw = size or hw
+    cls = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}[cls_name]
+    fused = impl.split()[0] == "fused"
+    if impl.split()[0] not in ("fused", "unfused") or impl.split()[1:] not in ([], ["compile"]):
+        raise ValueError(f"unknown block implementation {impl!r}")
+    model = cls(inplanes, planes, fused=fused).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train(train)
+    x = torch.randn(batch, inplanes, hw, hw, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if train:
+        x.requires_grad_(True)
+    run = torch.compile(model) if impl.endswith("compile") else model
+    amp = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        if train:
+            with torch.autocast(**amp):
+                out = run(x)
+            out.float().sum().backward()
+        else:
+            with torch.no_grad(), torch.autocast(**amp):
+                run(x)
+
+    return step
+
+
+def make_model(name: str, variant: str, device, channels_last: bool) -> nn.Module:
+    """`variant` is "torchvision" or "fastres" (fused), optionally followed by " compile".
+
+    "torchvision" is torchvision's model where it has one (the ImageNet ResNets) and otherwise
+    the fastres model built with ``fused=False`` (plain PyTorch ops, same network)."""
+    base = variant.split()[0]
+    if base not in ("torchvision", "fastres") or variant.split()[1:] not in ([], ["compile"]):
+        raise ValueError(f"unknown model variant {variant!r}")
+    if base == "torchvision":
+        import torchvision
+
+        if hasattr(torchvision.models, name):
+            model = getattr(torchvision.models, name)()
+        else:  # CIFAR and plain nets: the same network from unfused PyTorch ops
+            model = fastres.models.get_model(name, fused=False)
+    else:
+        model = fastres.models.get_model(name, fused=True)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if variant.endswith("compile"):
+        model = torch.compile(model)
+    return model
+
+
+def make_model_step(model: nn.Module, mode: str, batch: int, image_size: int, dtype: torch.dtype,
+                    channels_last: bool, device, num_classes: Optional[int] = None
+                    ) -> Tuple[Callable[[], None], nn.Module]:
+    """A training step (mode "train": forward, loss, backward, SGD) or an inference forward
+    (mode "infer", no_grad) of `model` on a random batch; returns (step, model)."""
+    device = torch.device(device)
+    if mode not in ("train", "infer"):
+        raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if num_classes is None:  # the classifier's width (ImageNet 1000, CIFAR 10)
+        num_classes = getattr(getattr(model, "fc", None), "out_features", 1000)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    amp = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    model.train(mode == "train")
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(**amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    def infer_step():
+        with torch.no_grad(), torch.autocast(**amp):
+            model(x)
+
+    return (train_step if mode == "train" else infer_step), model

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine without internet: build fastres against the installed torch,
-# run the whole test suite (GPU tests included) and the op benchmark.
+# run the whole test suite (GPU tests included), the op and model benchmarks and the
+# pytest-benchmark suite.
 #   bash scripts/gpu_check.sh            # results under ${OUT:-gpu_results}/
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,12 @@ echo "== op benchmark (ResNet-50 BatchNorm shapes, batch 256, bf16, channels_las
 $PY -m fastres.bench.op_benchmark --json "$OUT/op_bench.json" 2>&1 | tee "$OUT/op_bench.md"
 $PY -m fastres.bench.op_benchmark --forward-only --json "$OUT/op_bench_fwd.json" 2>&1 | tee "$OUT/op_bench_fwd.md"
 
-echo "== model benchmark (ResNet-18/50/152, batch 256, AMP bf16, channels_last)"
-$PY -m fastres.bench.model_benchmark --json "$OUT/model_bench.json" 2>&1 | tee "$OUT/model_bench.md"
+echo "== model benchmark (ResNet-18/50/152, batch 256, AMP bf16, channels_last, train + infer)"
+$PY -m fastres.bench --out "$OUT/model_bench" 2>&1 | tee "$OUT/model_bench.md"
+
+echo "== benchmark suite (pytest-benchmark; FASTRES_BENCH_MODELS=resnet50 to shorten)"
+FASTRES_BENCH_MODELS=${FASTRES_BENCH_MODELS:-resnet50} $PY -m pytest benchmarks/ --benchmark-only -q \
+  -p no:cacheprovider --benchmark-json "$OUT/benchmarks.json" 2>&1 | tail -40 > "$OUT/benchmarks.txt"
+
 $PY -m fastres.demo --device cuda --dtype bf16 --batch-size 256 --channels 64 --size 56 2>&1 | tee "$OUT/demo.txt"
 exit "$rc"

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
+import pytest
 import torch
 
 from fastres.bench.timing import measure, synchronize
@@ -58,8 +59,13 @@ if os.environ.get("FASTRES_BENCH_MODELS"):
 
 def run_benchmark(benchmark, step, *, images: int = 0, nbytes: int = 0, copy_bw: float = 0.0,
                   **info):
-    """Time `step` (see the module docstring), record extra_info, return the measurement."""
-    m = measure(step, DEVICE, warmup=SCALE.warmup, iters=SCALE.iters)
+    """Time `step` (see the module docstring), record extra_info, return the measurement.
+    A step that does not fit in GPU memory is skipped (with the reason), not failed."""
+    try:
+        m = measure(step, DEVICE, warmup=SCALE.warmup, iters=SCALE.iters)
+    except torch.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        pytest.skip(f"out of memory on {DEVICE}: {str(e).splitlines()[0][:200]}")
     assert m.ms > 0 and math.isfinite(m.ms), f"bad timing {m}"
     benchmark.extra_info.update(info)
     benchmark.extra_info.update(ms=m.ms, ms_min=m.ms_min, timer=m.timer, peak_gib=m.peak_gib,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine without internet: build fastres against the installed torch,
 # run the whole test suite (GPU tests included), the op and model benchmarks and the
-# pytest-benchmark suite.
+# pytest-benchmark suite and a synthetic trainer throughput run.
 #   bash scripts/gpu_check.sh            # results under ${OUT:-gpu_results}/
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,11 @@ $PY -m fastres.bench --out "$OUT/model_bench" 2>&1 | tee "$OUT/model_bench.md"
 echo "== benchmark suite (pytest-benchmark; FASTRES_BENCH_MODELS=resnet50 to shorten)"
 FASTRES_BENCH_MODELS=${FASTRES_BENCH_MODELS:-resnet50} $PY -m pytest benchmarks/ --benchmark-only -q \
   -p no:cacheprovider --benchmark-json "$OUT/benchmarks.json" 2>&1 | tail -40 > "$OUT/benchmarks.txt"
+
+echo "== trainer: synthetic ImageNet-size throughput (fused ResNet-50, AMP bf16, channels_last)"
+$PY -m fastres.train --recipe imagenet --model resnet50 --data synthetic:2560 --iterations 30 \
+  --batch-size 256 --amp bf16 --channels-last --workers 8 --out "$OUT/train_synthetic" 2>&1 \
+  | tail -5 | tee "$OUT/train_synthetic.txt"
 
 $PY -m fastres.demo --device cuda --dtype bf16 --batch-size 256 --channels 64 --size 56 2>&1 | tee "$OUT/demo.txt"
 exit "$rc"

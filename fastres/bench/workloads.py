@@ -115,7 +115,10 @@ def make_op_step(case: OpCase, batch: int, dtype: torch.dtype, channels_last: bo
     if impl == "eager":
         fn = _unfused
     elif impl == "compile":
-        fn = torch.compile(_unfused)
+        # a fresh, shape-specialised compile per case: without the reset, the many shapes of
+        # one code object would hit Dynamo's recompile limit or turn dynamic (slower kernels)
+        torch._dynamo.reset()
+        fn = torch.compile(_unfused, dynamic=False)
     elif impl.startswith("fastres:"):
         fn = _fused
     else:
@@ -158,7 +161,9 @@ def make_block_step(block: str, batch: int, dtype: torch.dtype, channels_last: b
         x = x.contiguous(memory_format=torch.channels_last)
     if train:
         x.requires_grad_(True)
-    run = torch.compile(model) if impl.endswith("compile") else model
+    if impl.endswith("compile"):
+        torch._dynamo.reset()
+    run = torch.compile(model, dynamic=False) if impl.endswith("compile") else model
     amp = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():

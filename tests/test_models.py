@@ -12,7 +12,7 @@ import torchvision
 import fastres.models
 from fastres.nn import BasicBlock, BatchNormAddReLU2d, BatchNormReLU2d, Bottleneck, ShortcutA
 
-from numerics import FLOOR, reference_dtype, rms
+from numerics import assert_rms_rule, reference_dtype, rms
 
 IMAGENET_DEPTHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -86,14 +86,8 @@ MASK_FLIP_ALLOWANCE = 1.5e-2  # relative RMS, gradients only
 
 def check_rule(fused, same_dtype, reference, dtype, what, mask_flips=False):
     """The numerics rule (tests/numerics.py) on RMS error, for whole-model results."""
-    ref = reference.double()
-    scale = max(1.0, ref.abs().max().item())
-    err_fused = rms(fused.double() - ref)
-    err_torch = rms(same_dtype.double() - ref)
-    allowance = MASK_FLIP_ALLOWANCE * rms(ref) if mask_flips else 0.0
-    assert err_fused <= 2 * err_torch + FLOOR[dtype] * scale + allowance, (
-        f"{what} ({dtype}): RMS error {err_fused:.3e} > 2 x unfused PyTorch {err_torch:.3e} + "
-        f"floor + allowance {allowance:.1e}")
+    allowance = MASK_FLIP_ALLOWANCE * rms(reference.double()) if mask_flips else 0.0
+    assert_rms_rule(fused, same_dtype, reference, dtype, what, allowance)
 
 
 def compare_train_step(fused, plain, ref, x, dtype):

@@ -71,9 +71,9 @@ def run_benchmark(benchmark, step, *, images: int = 0, nbytes: int = 0, copy_bw:
     benchmark.extra_info.update(ms=m.ms, ms_min=m.ms_min, timer=m.timer, peak_gib=m.peak_gib,
                                 device=str(DEVICE))
     if images:
-        benchmark.extra_info["images_per_s"] = images / (m.ms / 1e3)
+        benchmark.extra_info["images_per_s"] = m.per_second(images)
     if nbytes and copy_bw:
-        benchmark.extra_info["bandwidth_fraction"] = nbytes / (m.ms / 1e3) / copy_bw
+        benchmark.extra_info["bandwidth_fraction"] = m.per_second(nbytes) / copy_bw
         benchmark.extra_info["bytes"] = nbytes
 
     def synced():

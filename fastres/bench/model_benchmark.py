@@ -37,7 +37,7 @@ def measure_model(name: str, variant: str, mode: str, *, batch_size: int, image_
     step, model = make_model_step(model, mode, batch_size, image_size, dtype, channels_last,
                                   device)
     m = measure(step, device, warmup=warmup, iters=iters)
-    return {"images_per_s": batch_size / (m.ms / 1e3), **m.as_dict()}
+    return {"images_per_s": m.per_second(batch_size), **m.as_dict()}
 
 
 def _release(device: torch.device) -> None:

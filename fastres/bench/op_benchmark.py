@@ -39,9 +39,8 @@ def bench_case(case, *, batch_size, dtype, channels_last, device, backward, comp
     results = {}
     for column, impl in implementations(device, compile):
         step = make_op_step(case, batch_size, dtype, channels_last, device, impl, backward)
-        m = measure(step, device, warmup=warmup, iters=reps).as_dict()
-        m["bandwidth_fraction"] = nbytes / (m["ms"] / 1e3) / peak_bw
-        results[column] = m
+        m = measure(step, device, warmup=warmup, iters=reps)
+        results[column] = {**m.as_dict(), "bandwidth_fraction": m.per_second(nbytes) / peak_bw}
     return results
 
 

@@ -31,6 +31,10 @@ class Measurement:
     peak_bytes: Optional[int]
     timer: str                   # "cuda-event" or "perf_counter"
 
+    def per_second(self, amount: float) -> float:
+        """`amount` (images, bytes, ...) handled per call, as a rate per second of median time."""
+        return amount / (self.ms / 1e3)
+
     @property
     def peak_gib(self) -> Optional[float]:
         return None if self.peak_bytes is None else self.peak_bytes / 2**30

@@ -4,6 +4,7 @@
     y = fastres.functional.batch_norm_add_relu(x, residual, running_mean, running_var,
                                                weight, bias, training=True)
     fastres.set_backend("triton")            # or "auto" (default), "cuda", "cpu"
+    fastres.set_conv_backend("triton")       # convs with BatchNorm fused in; or "cudnn", "auto"
     with fastres.backend("cpu"): ...
 
     model = fastres.models.resnet50()        # fused, torchvision-compatible state_dict
@@ -11,7 +12,8 @@
 """
 from .version import __version__
 from ._extension import build_info
-from .backends import available_backends, backend, get_backend, set_backend
+from .backends import (available_backends, backend, conv_backend, get_backend, get_conv_backend,
+                       set_backend, set_conv_backend)
 from . import ops
 from . import functional
 from . import nn
@@ -24,13 +26,16 @@ __all__ = [
     "available_backends",
     "backend",
     "build_info",
+    "conv_backend",
     "convert_sync_batchnorm",
     "functional",
     "fuse",
     "models",
     "get_backend",
+    "get_conv_backend",
     "nn",
     "ops",
     "set_backend",
+    "set_conv_backend",
     "unfuse",
 ]

@@ -150,3 +150,76 @@ def _measure_fastest(device: torch.device) -> str:
             finally:
                 _current[0] = previous
     return min(times, key=times.get)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution backend: which convolutions the fused modules run in training and inference
+# ---------------------------------------------------------------------------------------------
+CONV_NAMES = ("auto", "cudnn", "triton")
+_conv_current = ["cudnn"]
+_conv_auto_choice: dict = {}
+
+
+def _why_conv_unavailable(name: str):
+    if name in ("auto", "cudnn"):
+        return None
+    if name == "triton":
+        return _why_unavailable("triton")
+    return f"unknown convolution backend {name!r}; choose one of {', '.join(CONV_NAMES)}"
+
+
+def set_conv_backend(name: str) -> None:
+    """Choose the convolutions of the fused modules: "cudnn" (PyTorch's convolution, cuDNN on a
+    GPU, with the fused BatchNorm kernels; the default), "triton" (fastres' implicit-GEMM
+    convolutions with BatchNorm fused into their prologue/epilogues) or "auto" (per layer shape,
+    whichever of the two measured faster on this GPU; "cudnn" on CPU)."""
+    if not isinstance(name, str) or name not in CONV_NAMES:
+        raise ValueError(f"fastres: unknown convolution backend {name!r}; choose one of "
+                         f"{', '.join(CONV_NAMES)}")
+    why = _why_conv_unavailable(name)
+    if why is not None:
+        raise RuntimeError(f"fastres: convolution backend {name!r} is not available: {why}")
+    _conv_current[0] = name
+
+
+def get_conv_backend() -> str:
+    """The convolution backend set by set_conv_backend() or conv_backend() ("cudnn" by default)."""
+    return _conv_current[0]
+
+
+@contextlib.contextmanager
+def conv_backend(name: str):
+    """Context manager: run the fused modules' convolutions inside the block with `name`."""
+    previous = _conv_current[0]
+    set_conv_backend(name)
+    try:
+        yield
+    finally:
+        _conv_current[0] = previous
+
+
+def resolve_conv(device: torch.device, key=None, measure=None) -> str:
+    """The convolution backend ("cudnn" or "triton") for a layer on `device`.
+
+    Under "auto", `key` identifies the layer's shape and `measure()` returns the faster of
+    "cudnn" and "triton" for it; the answer is cached per (device, key). While torch.compile
+    traces, nothing is measured: a cached answer is used, else "cudnn".
+    """
+    name = _conv_current[0]
+    if name == "cudnn":
+        return "cudnn"
+    if name == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
+            raise RuntimeError(f"fastres: convolution backend 'triton' runs on CUDA tensors (or on "
+                               f"CPU under TRITON_INTERPRET=1), got tensors on {device}")
+        return "triton"
+    if device.type != "cuda" or _why_unavailable("triton") is not None:
+        return "cudnn"
+    full_key = (device.index, key)
+    if full_key in _conv_auto_choice:
+        return _conv_auto_choice[full_key]
+    if torch.compiler.is_compiling() or measure is None:
+        return "cudnn"
+    choice = measure()
+    _conv_auto_choice[full_key] = choice
+    return choice

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-__all__ = ["bn_act_forward", "bn_act_backward"]
+__all__ = ["bn_act_forward", "bn_act_backward", "merge_partial_stats", "bn_backward_from_partials"]
 
 # ---------------------------------------------------------------------------------------------
 # Block-size heuristics (module constants so tests can shrink them to exercise every loop).
@@ -497,6 +497,15 @@ def _batch_stats(x: Tensor, lay: _Layout) -> Tuple[Tensor, Tensor]:
         wrap_triton(_stats_nchw_kernel)[grid](
             x, cnt, pmean, pm2, lay.N, C, lay.S, n_nblocks, n_schunks, iters,
             BLOCK_N=block_n, BLOCK_S=block_s, num_warps=_NUM_WARPS)
+    return merge_partial_stats(cnt, pmean, pm2)
+
+
+def merge_partial_stats(cnt: Tensor, pmean: Tensor, pm2: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (fp32 [C]) from [P, C] partial (count, mean, M2)
+    rows, merged in a fixed order (deterministic). Also used by the convolution kernels' stats
+    epilogue (fastres.kernels.conv)."""
+    P, C = cnt.shape
+    f32 = dict(dtype=torch.float32, device=cnt.device)
     mean = torch.empty(C, **f32)
     var = torch.empty(C, **f32)
     block_c = min(triton.next_power_of_2(C), _MERGE_BLOCK_C)
@@ -612,12 +621,7 @@ def bn_act_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor]
             BLOCK_N=block_n, BLOCK_S=block_s, num_warps=_NUM_WARPS)
 
     # 2) grad_bias = sum g, grad_weight = sum g * (x - mean) * invstd (fixed order)
-    grad_weight = torch.empty(C, **f32)
-    grad_bias = torch.empty(C, **f32)
-    block_c = min(triton.next_power_of_2(C), _MERGE_BLOCK_C)
-    wrap_triton(_bwd_finalize_kernel)[(_cdiv(C, block_c),)](
-        psg, psgx, var, grad_weight, grad_bias, P, C, eps,
-        BLOCK_P=min(triton.next_power_of_2(P), _MERGE_BLOCK_P), BLOCK_C=block_c, num_warps=4)
+    grad_weight, grad_bias = _finalize_partials(psg, psgx, var, eps)
 
     # 3) grad_input (and grad_residual = g)
     gr = grad_residual if has_residual else grad_input  # placeholder, not written
@@ -642,3 +646,44 @@ def bn_act_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor]
             NC, C, lay.S, eps, inv_count, n_sblocks, **flags,
             BLOCK_P=block_p, BLOCK_S=block_s, num_warps=_NUM_WARPS)
     return grad_input, grad_residual, grad_weight, grad_bias
+
+
+def _finalize_partials(psg: Tensor, psgx: Tensor, var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """(grad_weight, grad_bias), fp32 [C], from [P, C] partial sums of g and g * (x - mean)."""
+    P, C = psg.shape
+    f32 = dict(dtype=torch.float32, device=psg.device)
+    grad_weight = torch.empty(C, **f32)
+    grad_bias = torch.empty(C, **f32)
+    block_c = min(triton.next_power_of_2(C), _MERGE_BLOCK_C)
+    wrap_triton(_bwd_finalize_kernel)[(_cdiv(C, block_c),)](
+        psg, psgx, var, grad_weight, grad_bias, P, C, eps,
+        BLOCK_P=min(triton.next_power_of_2(P), _MERGE_BLOCK_P), BLOCK_C=block_c, num_warps=4)
+    return grad_weight, grad_bias
+
+
+def bn_backward_from_partials(g: Tensor, input: Tensor, weight: Optional[Tensor],
+                              bias: Optional[Tensor], mean: Tensor, var: Tensor, psg: Tensor,
+                              psgx: Tensor, training: bool, eps: float
+                              ) -> Tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm backward when the ReLU-masked gradient `g` (NHWC rows, same layout as the
+    channels-last `input`) and its per-channel partial sums ``psg = sum(g)`` and
+    ``psgx = sum(g * (input - mean))`` ([P, C] fp32) were already produced, by the epilogue of
+    the convolution's data-gradient kernel (fastres.kernels.conv). Returns (grad_input,
+    grad_weight, grad_bias); grad_input is written over `g` (same offsets, read before write)."""
+    lay = _Layout(input)
+    C = lay.C
+    if not lay.nhwc:
+        raise ValueError("fastres: bn_backward_from_partials needs a channels-last input")
+    _check_like(g, input, "g")
+    grad_weight, grad_bias = _finalize_partials(psg, psgx, var, eps)
+    w = weight if weight is not None else input
+    b = bias if bias is not None else input
+    block_m, block_c = _nhwc_blocks(lay.count, C)
+    n_cblocks = _cdiv(C, block_c)
+    grid = (_cdiv(lay.count, block_m) * n_cblocks,)
+    wrap_triton(_bwd_nhwc_kernel)[grid](
+        g, input, g, w, b, mean, var, grad_weight, grad_bias, g, g,
+        lay.count, C, eps, 1.0 / lay.count, n_cblocks, HAS_OUT=False, HAS_RES=False,
+        HAS_W=weight is not None, HAS_B=bias is not None, RELU=False, TRAINING=training,
+        LOAD_X=training, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    return g, grad_weight, grad_bias

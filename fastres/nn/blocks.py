@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv_bn import conv_bn_act, make_batch_norm
+from .conv_bn import can_fold, conv_bn_act, make_batch_norm
+from .conv_bn_chain import conv_bn_pending, materialize, triton_conv_for
 
 __all__ = ["BasicBlock", "Bottleneck", "ShortcutA", "SHORTCUTS"]
 
@@ -80,6 +81,23 @@ class _Block(nn.Module):
             return conv_bn_act(ds[0], ds[1], x, relu=False, fused=self.fused)
         return ds(x)
 
+    def _chained(self, x: Tensor) -> bool:
+        """Run the block as a Triton conv chain (BatchNorm in the convolutions' prologues and
+        epilogues)? Only for fused blocks whose first layer is not folded (training, or
+        gradients needed) and that the conv backend puts on Triton."""
+        return (self.fused and not can_fold(self.conv1, self.bn1)
+                and triton_conv_for(self.conv1, self.bn1, x, self.bn1.training))
+
+    def _shortcut_chained(self, x: Tensor) -> Tensor:
+        ds = self.downsample
+        if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d) \
+                and isinstance(ds[1], nn.BatchNorm2d):
+            return materialize(conv_bn_pending(ds[0], ds[1], x, relu=False))
+        return self._shortcut(x)
+
+    def _end_chained(self, pending, x: Tensor) -> Tensor:
+        return materialize(pending, self._shortcut_chained(x) if self.residual else None)
+
     def _last(self, conv, bn, out, x):
         if self.residual:
             return conv_bn_act(conv, bn, out, self._shortcut(x), relu=True, fused=self.fused)
@@ -116,6 +134,9 @@ class BasicBlock(_Block):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._chained(x):
+            p = conv_bn_pending(self.conv1, self.bn1, x, use_triton=True)
+            return self._end_chained(conv_bn_pending(self.conv2, self.bn2, p), x)
         out = conv_bn_act(self.conv1, self.bn1, x, relu=True, fused=self.fused)
         return self._last(self.conv2, self.bn2, out, x)
 
@@ -147,6 +168,10 @@ class Bottleneck(_Block):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._chained(x):
+            p = conv_bn_pending(self.conv1, self.bn1, x, use_triton=True)
+            p = conv_bn_pending(self.conv2, self.bn2, p)
+            return self._end_chained(conv_bn_pending(self.conv3, self.bn3, p), x)
         out = conv_bn_act(self.conv1, self.bn1, x, relu=True, fused=self.fused)
         out = conv_bn_act(self.conv2, self.bn2, out, relu=True, fused=self.fused)
         return self._last(self.conv3, self.bn3, out, x)

@@ -4,9 +4,11 @@ convolution for inference.
 Training (or whenever gradients are needed) runs the convolution, then the fused BatchNorm op.
 In eval mode, with no gradient needed, the BatchNorm is folded into the convolution's weight
 and bias, ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``,
-and the add and ReLU run in the convolution's epilogue: on CUDA through cuDNN's fused
-``torch.cudnn_convolution_relu`` / ``torch.cudnn_convolution_add_relu``, elsewhere as
-``conv2d`` + add + ReLU. The folded weights are cached on the BatchNorm module and recomputed
+and the add and ReLU run in the convolution's epilogue: with the conv backend "triton" in
+fastres' Triton convolution (bias + residual + ReLU epilogue), else on CUDA through cuDNN's
+fused ``torch.cudnn_convolution_relu`` / ``torch.cudnn_convolution_add_relu``, elsewhere as
+``conv2d`` + add + ReLU. In training with the conv backend "triton", the convolution emits the
+BatchNorm statistics from its epilogue (fastres.nn.conv_bn_chain). The folded weights are cached on the BatchNorm module and recomputed
 whenever the convolution's or BatchNorm's parameters or buffers change (in-place updates,
 ``load_state_dict``, ``.to()``), so a model never runs on stale folded weights; under
 torch.compile they are recomputed inside the graph.
@@ -18,7 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.conv_bn import conv_bn
 from .batch_norm import BatchNormAct2d
+from .conv_bn_chain import conv_bn_pending, materialize, triton_conv_for
 
 __all__ = ["ConvBNReLU", "conv_bn_act", "fold_conv_bn"]
 
@@ -97,6 +101,12 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
     x = x.to(dtype)
     if residual is not None:
         residual = residual.to(dtype)
+    if not (torch.is_grad_enabled() and x.requires_grad) and \
+            triton_conv_for(conv, bn, x, training=False):
+        weight, bias = _folded(conv, bn, dtype, torch.channels_last)
+        out, _, _ = conv_bn(x, weight, conv.stride, conv.padding, bias=bias, residual=residual,
+                            relu=relu)
+        return out
     if x.is_cuda and relu and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
         if residual is None:
             return torch.cudnn_convolution_relu(x, weight, bias, conv.stride, conv.padding,
@@ -115,6 +125,8 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
     """relu?(bn(conv(x)) + residual?), fused when `fused` (and folded in eval)."""
     if fused and can_fold(conv, bn):
         return folded_conv_bn_act(conv, bn, x, residual, relu)
+    if fused and triton_conv_for(conv, bn, x, bn.training):
+        return materialize(conv_bn_pending(conv, bn, x, relu, use_triton=True), residual)
     y = conv(x)
     if residual is not None and residual.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
         # autocast: the residual joins the low-precision activations (as the next conv would)

@@ -1,4 +1,5 @@
 """Fused operators, one file each, registered with torch.library (fake kernels, autograd)."""
 from .batch_norm_act import batch_norm_act
+from .conv_bn import conv_bn
 
-__all__ = ["batch_norm_act"]
+__all__ = ["batch_norm_act", "conv_bn"]

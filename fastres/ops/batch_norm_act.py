@@ -204,3 +204,47 @@ def _update_running_stats(running_mean, running_var, mean, var, momentum, num_ba
         else:
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
             running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm (+ add) (+ ReLU) with given batch statistics: the statistics were computed by the
+# epilogue of the Triton convolution that produced `input` (fastres.ops.conv_bn), so the op
+# only normalises; its backward is the training-mode backward (gradients flow through the
+# statistics into `input`, as if the op had computed them).
+# ---------------------------------------------------------------------------------------------
+@_triton_operator("fastres::bn_act_apply_triton")
+def _bn_act_apply_triton(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                         bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float,
+                         relu: bool) -> Tensor:
+    from ..kernels import batch_norm_act as kernels
+
+    out, _, _ = kernels.bn_act_forward(input, residual, weight, bias, mean, var, False, eps, relu)
+    return out
+
+
+@torch.library.register_fake("fastres::bn_act_apply_triton")
+def _fake_apply(input, residual, weight, bias, mean, var, eps, relu):
+    return torch.empty_like(input)
+
+
+def _apply_setup_context(ctx, inputs, output):
+    input, residual, weight, bias, mean, var, eps, relu = inputs
+    has_residual = residual is not None
+    ctx.save_for_backward(input, output if relu and has_residual else None, weight, bias, mean,
+                          var)
+    ctx.config = (eps, relu, has_residual)
+
+
+def _apply_backward(ctx, grad_out):
+    input, out, weight, bias, mean, var = ctx.saved_tensors
+    eps, relu, has_residual = ctx.config
+    grad_out = _same_layout(grad_out, input)
+    grad_input, grad_residual, grad_weight, grad_bias = torch.ops.fastres.bn_act_backward_triton(
+        grad_out, input, out, weight, bias, mean, var, True, eps, relu, has_residual)
+    return (grad_input, grad_residual if has_residual else None,
+            grad_weight.to(weight.dtype) if weight is not None else None,
+            grad_bias.to(bias.dtype) if bias is not None else None, None, None, None, None)
+
+
+torch.library.register_autograd("fastres::bn_act_apply_triton", _apply_backward,
+                                setup_context=_apply_setup_context)

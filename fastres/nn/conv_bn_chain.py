@@ -1,0 +1,214 @@
+"""Chains of conv -> BatchNorm -> ReLU -> conv on the Triton convolutions (conv backend
+"triton", or "auto" where it measured faster), so that in training a block's normalised
+activations are never written to memory.
+
+A :class:`PendingBatchNorm` stands for ``relu?(bn(y))`` not yet computed: the raw convolution
+output ``y``, its BatchNorm module and the batch statistics the convolution's epilogue produced.
+The next convolution applies it in its prologue (:func:`conv_bn_pending`), the block's end
+materialises it with the residual add and ReLU in one pass (:func:`materialize`). Running
+statistics are updated when the statistics are produced, exactly as nn.BatchNorm2d would.
+
+Where the Triton convolution cannot run a layer (groups, dilation, non-square kernels,
+SyncBatchNorm, conv bias, unsupported dtype, or the backend picks cuDNN) the same functions
+fall back to PyTorch's convolution and the fused BatchNorm kernels, so callers need no second
+code path.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends
+from ..ops.batch_norm_act import _update_running_stats
+from ..ops.conv_bn import conv_bn
+from .batch_norm import BatchNormAct2d
+
+__all__ = ["PendingBatchNorm", "conv_bn_pending", "materialize", "triton_conv_for"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class PendingBatchNorm:
+    """``relu?(bn(y))``, not computed yet. ``mean``/``var`` are None when the BatchNorm must
+    compute its own statistics (the convolution ran on cuDNN)."""
+
+    __slots__ = ("y", "bn", "mean", "var", "batch_stats", "relu")
+
+    def __init__(self, y: Tensor, bn: nn.BatchNorm2d, mean: Optional[Tensor],
+                 var: Optional[Tensor], batch_stats: bool, relu: bool):
+        self.y, self.bn, self.mean, self.var = y, bn, mean, var
+        self.batch_stats, self.relu = batch_stats, relu
+
+
+def _is_sync(bn: nn.Module) -> bool:
+    from .sync_batch_norm import SyncBatchNormAct2d
+
+    return isinstance(bn, (nn.SyncBatchNorm, SyncBatchNormAct2d))
+
+
+def _square(v) -> bool:
+    return not isinstance(v, (tuple, list)) or len(set(v)) == 1
+
+
+def _supported(conv: nn.Conv2d, bn: nn.Module) -> bool:
+    """Can the Triton convolution run this conv + BatchNorm pair?"""
+    return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.bias is None
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and _square(conv.kernel_size) and _square(conv.stride) and _square(conv.padding)
+            and all(d == 1 for d in conv.dilation)
+            and isinstance(bn, nn.BatchNorm2d) and not _is_sync(bn))
+
+
+def _layer_key(conv: nn.Conv2d, x: Tensor, dtype: torch.dtype, training: bool):
+    return (tuple(x.shape), conv.out_channels, conv.kernel_size[0], conv.stride[0],
+            conv.padding[0], dtype, training)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def triton_conv_for(conv: nn.Conv2d, bn: nn.Module, x: Tensor, training: bool) -> bool:
+    """True when the conv backend runs this layer on the Triton convolution."""
+    if backends.get_conv_backend() == "cudnn" or not _supported(conv, bn):
+        return False
+    dtype = _compute_dtype(x)
+    if dtype not in _DTYPES:
+        return False
+    key = _layer_key(conv, x, dtype, training)
+    return backends.resolve_conv(
+        x.device, key, lambda: _measure(conv, x.shape, dtype, training)) == "triton"
+
+
+def _bn_mode(bn: nn.BatchNorm2d):
+    """(batch_stats, running_mean, running_var): what nn.BatchNorm2d.forward would use."""
+    if bn.training and bn.track_running_stats:
+        batch_stats = True
+    else:
+        batch_stats = bn.running_mean is None and bn.running_var is None
+    use_running = not bn.training or bn.track_running_stats
+    return (batch_stats, bn.running_mean if use_running else None,
+            bn.running_var if use_running else None)
+
+
+def _update(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, running_mean, running_var,
+            count: int) -> None:
+    if running_mean is None or not bn.training:
+        return
+    counter = bn.num_batches_tracked if bn.track_running_stats else None
+    if bn.momentum is None and counter is None:
+        raise ValueError("fastres: momentum=None needs the num_batches_tracked counter")
+    _update_running_stats(running_mean, running_var, mean, var, bn.momentum, counter, count)
+
+
+def conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, x, relu: bool = True,
+                    use_triton: Optional[bool] = None) -> PendingBatchNorm:
+    """``relu?(bn(conv(x)))`` as a PendingBatchNorm; `x` is a Tensor or a PendingBatchNorm
+    (applied in this convolution's prologue when both run on Triton)."""
+    source = x.y if isinstance(x, PendingBatchNorm) else x
+    if use_triton is None:
+        use_triton = triton_conv_for(conv, bn, source, bn.training)
+    batch_stats, running_mean, running_var = _bn_mode(bn)
+    if not use_triton:
+        y = conv(materialize(x) if isinstance(x, PendingBatchNorm) else x)
+        return PendingBatchNorm(y, bn, None, None, batch_stats, relu)
+    prologue = {}
+    if isinstance(x, PendingBatchNorm):
+        if x.mean is None:
+            source = materialize(x)
+        else:
+            prologue = dict(in_weight=x.bn.weight, in_bias=x.bn.bias, in_mean=x.mean,
+                            in_var=x.var, in_eps=x.bn.eps, in_relu=x.relu,
+                            in_training=x.batch_stats)
+    if not batch_stats and running_mean is None:
+        raise ValueError("fastres: running_mean and running_var must be defined in evaluation mode")
+    y, mean, var = conv_bn(source, conv.weight, conv.stride, conv.padding, stats=batch_stats,
+                           **prologue)
+    if batch_stats:
+        if y.numel() // y.shape[1] == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                             f"size {y.size()}")
+        _update(bn, mean, var, running_mean, running_var, y.numel() // y.shape[1])
+    else:
+        mean, var = running_mean, running_var
+    return PendingBatchNorm(y, bn, mean, var, batch_stats, relu)
+
+
+def materialize(p, residual: Optional[Tensor] = None) -> Tensor:
+    """The tensor ``relu?(bn(y) + residual?)`` of a PendingBatchNorm (a Tensor passes through)."""
+    if isinstance(p, Tensor):
+        return p
+    bn, y = p.bn, p.y
+    if residual is not None:
+        residual = residual.to(y.dtype)
+    if p.mean is None:  # the BatchNorm computes its statistics itself
+        if isinstance(bn, BatchNormAct2d) and bn.fused and bn.relu == p.relu:
+            return bn._forward(y, residual)
+        out = bn(y)
+        if residual is not None:
+            out = out + residual
+        return F.relu(out) if p.relu else out
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    if p.batch_stats:
+        return torch.ops.fastres.bn_act_apply_triton(y, residual, bn.weight, bn.bias, p.mean,
+                                                     p.var, bn.eps, p.relu)
+    out, _, _ = torch.ops.fastres.bn_act_forward_triton(y, residual, bn.weight, bn.bias, p.mean,
+                                                        p.var, False, bn.eps, p.relu)
+    return out
+
+
+def _measure(conv: nn.Conv2d, shape, dtype: torch.dtype, training: bool) -> str:
+    """Which of "triton" and "cudnn" runs this layer faster on this GPU (CUDA-event timing of
+    forward, plus backward in training). Triton: the convolution with the previous BatchNorm in
+    its prologue and the statistics epilogue; cuDNN: the fused BatchNorm+ReLU of the input,
+    then the convolution (its statistics are paid later by the next BatchNorm, so the
+    comparison favours cuDNN)."""
+    from ..functional import batch_norm_relu
+
+    device = conv.weight.device
+    with torch.no_grad():
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        w = conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    gamma = torch.ones(c, device=device, requires_grad=training)
+    beta = torch.zeros(c, device=device, requires_grad=training)
+    mean = torch.zeros(c, device=device)
+    var = torch.ones(c, device=device)
+    x.requires_grad_(training)
+    w.requires_grad_(training)
+    stride, padding = conv.stride[0], conv.padding[0]
+
+    def run_triton():
+        y, _, _ = conv_bn(x, w, stride, padding, in_weight=gamma, in_bias=beta, in_mean=mean,
+                          in_var=var, in_training=training, stats=training)
+        return y
+
+    def run_cudnn():
+        a = batch_norm_relu(x, None if training else mean, None if training else var, gamma,
+                            beta, training=training)
+        return F.conv2d(a, w, None, stride, padding)
+
+    times = {}
+    for name, fn in (("triton", run_triton), ("cudnn", run_cudnn)):
+        with torch.set_grad_enabled(training):
+            for _ in range(2):
+                out = fn()
+                if training:
+                    out.backward(torch.ones_like(out))
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                out = fn()
+                if training:
+                    out.backward(torch.ones_like(out))
+            end.record()
+            torch.cuda.synchronize(device)
+            times[name] = start.elapsed_time(end)
+    return min(times, key=times.get)

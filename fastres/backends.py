@@ -59,12 +59,27 @@ def available_backends() -> list:
 
 def set_backend(name: str) -> None:
     """Choose the implementation of the fused ops: "auto", "cpu", "cuda" or "triton"."""
-    if not isinstance(name, str) or name not in NAMES:
-        raise ValueError(f"fastres: unknown backend {name!r}; choose one of {', '.join(NAMES)}")
-    why = _why_unavailable(name)
+    _select(_current, name, NAMES, _why_unavailable, "backend")
+
+
+def _select(current: list, name, names, why_unavailable, what: str) -> None:
+    """Set current[0] to `name` after checking it is known and can run here."""
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"fastres: unknown {what} {name!r}; choose one of {', '.join(names)}")
+    why = why_unavailable(name)
     if why is not None:
-        raise RuntimeError(f"fastres: backend {name!r} is not available: {why}")
-    _current[0] = name
+        raise RuntimeError(f"fastres: {what} {name!r} is not available: {why}")
+    current[0] = name
+
+
+@contextlib.contextmanager
+def _selected(current: list, name, names, why_unavailable, what: str):
+    previous = current[0]
+    _select(current, name, names, why_unavailable, what)
+    try:
+        yield
+    finally:
+        current[0] = previous
 
 
 def get_backend() -> str:
@@ -75,12 +90,8 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def backend(name: str):
     """Context manager: run the fused ops inside the block with backend `name`."""
-    previous = _current[0]
-    set_backend(name)
-    try:
+    with _selected(_current, name, NAMES, _why_unavailable, "backend"):
         yield
-    finally:
-        _current[0] = previous
 
 
 def resolve(device: torch.device) -> str:
@@ -173,13 +184,7 @@ def set_conv_backend(name: str) -> None:
     GPU, with the fused BatchNorm kernels; the default), "triton" (fastres' implicit-GEMM
     convolutions with BatchNorm fused into their prologue/epilogues) or "auto" (per layer shape,
     whichever of the two measured faster on this GPU; "cudnn" on CPU)."""
-    if not isinstance(name, str) or name not in CONV_NAMES:
-        raise ValueError(f"fastres: unknown convolution backend {name!r}; choose one of "
-                         f"{', '.join(CONV_NAMES)}")
-    why = _why_conv_unavailable(name)
-    if why is not None:
-        raise RuntimeError(f"fastres: convolution backend {name!r} is not available: {why}")
-    _conv_current[0] = name
+    _select(_conv_current, name, CONV_NAMES, _why_conv_unavailable, "convolution backend")
 
 
 def get_conv_backend() -> str:
@@ -190,12 +195,8 @@ def get_conv_backend() -> str:
 @contextlib.contextmanager
 def conv_backend(name: str):
     """Context manager: run the fused modules' convolutions inside the block with `name`."""
-    previous = _conv_current[0]
-    set_conv_backend(name)
-    try:
+    with _selected(_conv_current, name, CONV_NAMES, _why_conv_unavailable, "convolution backend"):
         yield
-    finally:
-        _conv_current[0] = previous
 
 
 def resolve_conv(device: torch.device, key=None, measure=None) -> str:

@@ -504,15 +504,21 @@ def merge_partial_stats(cnt: Tensor, pmean: Tensor, pm2: Tensor) -> Tuple[Tensor
     """Per-channel mean and biased variance (fp32 [C]) from [P, C] partial (count, mean, M2)
     rows, merged in a fixed order (deterministic). Also used by the convolution kernels' stats
     epilogue (fastres.kernels.conv)."""
-    P, C = cnt.shape
-    f32 = dict(dtype=torch.float32, device=cnt.device)
-    mean = torch.empty(C, **f32)
-    var = torch.empty(C, **f32)
+    return _merge_per_channel(_merge_stats_kernel, (cnt, pmean, pm2))
+
+
+def _merge_per_channel(kernel, inputs, *scalars) -> Tuple[Tensor, Tensor]:
+    """Launch a merge kernel over [P, C] partials: ``kernel(*inputs, out0, out1, P, C,
+    *scalars)``, one program per block of channels, rows summed in fixed order; returns the two
+    fp32 [C] outputs."""
+    P, C = inputs[0].shape
+    f32 = dict(dtype=torch.float32, device=inputs[0].device)
+    out0, out1 = torch.empty(C, **f32), torch.empty(C, **f32)
     block_c = min(triton.next_power_of_2(C), _MERGE_BLOCK_C)
-    wrap_triton(_merge_stats_kernel)[(_cdiv(C, block_c),)](
-        cnt, pmean, pm2, mean, var, P, C,
+    wrap_triton(kernel)[(_cdiv(C, block_c),)](
+        *inputs, out0, out1, P, C, *scalars,
         BLOCK_P=min(triton.next_power_of_2(P), _MERGE_BLOCK_P), BLOCK_C=block_c, num_warps=4)
-    return mean, var
+    return out0, out1
 
 
 def bn_act_forward(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -650,15 +656,7 @@ def bn_act_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor]
 
 def _finalize_partials(psg: Tensor, psgx: Tensor, var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """(grad_weight, grad_bias), fp32 [C], from [P, C] partial sums of g and g * (x - mean)."""
-    P, C = psg.shape
-    f32 = dict(dtype=torch.float32, device=psg.device)
-    grad_weight = torch.empty(C, **f32)
-    grad_bias = torch.empty(C, **f32)
-    block_c = min(triton.next_power_of_2(C), _MERGE_BLOCK_C)
-    wrap_triton(_bwd_finalize_kernel)[(_cdiv(C, block_c),)](
-        psg, psgx, var, grad_weight, grad_bias, P, C, eps,
-        BLOCK_P=min(triton.next_power_of_2(P), _MERGE_BLOCK_P), BLOCK_C=block_c, num_warps=4)
-    return grad_weight, grad_bias
+    return _merge_per_channel(_bwd_finalize_kernel, (psg, psgx, var), eps)
 
 
 def bn_backward_from_partials(g: Tensor, input: Tensor, weight: Optional[Tensor],

@@ -79,6 +79,14 @@ def _grouped_tile(pid, n_m, n_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _output_pixel(rows, P, Q, STRIDE: tl.constexpr, PAD: tl.constexpr):
+    """(image, top row, left column) of the input window of output pixels `rows` (n, p, q)."""
+    q = rows % Q
+    t = rows // Q
+    return t // P, (t % P) * STRIDE - PAD, q * STRIDE - PAD
+
+
+@triton.jit
 def _prologue(a, ch, ch_ok, amask, scale_ptr, shift_ptr, RELU: tl.constexpr):
     """act = relu?(a * scale + shift) in fp32, 0 where masked (padding), in a's dtype."""
     scale = tl.load(scale_ptr + ch, mask=ch_ok, other=0.0)
@@ -110,12 +118,7 @@ def _conv_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < COUT
-    q = rows % Q
-    t = rows // Q
-    p = t % P
-    n = t // P
-    ih0 = p * STRIDE - PAD
-    iw0 = q * STRIDE - PAD
+    n, ih0, iw0 = _output_pixel(rows, P, Q, STRIDE, PAD)
     ks = tl.arange(0, BLOCK_K)
     ktot = KH * KW * CIN
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -270,12 +273,9 @@ def _conv_wgrad_kernel(
     for m0 in range(start, stop, BLOCK_K):
         ms = (m0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         m_ok = ms < stop
-        q = ms % Q
-        t = ms // Q
-        p = t % P
-        n = t // P
-        ih = p * STRIDE - PAD + kh
-        iw = q * STRIDE - PAD + kw
+        n, ih, iw = _output_pixel(ms, P, Q, STRIDE, PAD)
+        ih += kh
+        iw += kw
         ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         g = tl.load(go_ptr + ms[:, None] * COUT + co[None, :],
                     mask=m_ok[:, None] & co_ok[None, :], other=0.0)          # [BK, BLOCK_CO]

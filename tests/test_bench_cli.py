@@ -82,3 +82,25 @@ def test_report_speedups_and_failed_variants(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == rows
     report.bar_chart(str(tmp_path / "r.png"), rows, meta)
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_conv_backend(tmp_path, capsys, monkeypatch):
+    assert cli.parse_args(["--device", "cpu"]).conv_backend == "cudnn"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton on CPU only in the interpreter
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--device", "cpu", "--conv-backend", "triton"])
+    assert e.value.code == 2 and "--conv-backend triton" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cpu", "--conv-backend", "cutlass"])
+    capsys.readouterr()
+    out = tmp_path / "res"
+    rc = cli.main(["--device", "cpu", "--models", "resnet20", "--batch-size", "2",
+                   "--image-size", "16", "--iters", "1", "--warmup", "0", "--mode", "infer",
+                   "--conv-backend", "auto", "--no-plot", "--out", str(out)])
+    assert rc == 0
+    assert "fastres (auto conv) img/s" in capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["settings"]["conv_backend"] == "auto"
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["fastres"]["conv_backend"] == "auto" and "error" not in rows["fastres"]
+    assert "conv_backend" not in rows["torchvision"]  # the conv backend is fastres' only

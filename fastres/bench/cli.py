@@ -4,11 +4,14 @@ torchvision eager and torch.compile.
     python -m fastres.bench                                   # GPU: ResNet-18/50/152, batch 256
     python -m fastres.bench --models resnet50 --mode infer --dtype bf16 --channels-last
     python -m fastres.bench --device cpu --models resnet18 --batch-size 2 --image-size 32
+    python -m fastres.bench --models resnet50 --conv-backend triton   # Triton convolutions
 
 Prints a markdown table (images/s, peak GiB, speed-up of fastres over torchvision eager and
 over torchvision torch.compile) and writes it, the numbers as JSON and a bar chart (PNG) to
 --out. Defaults on a GPU: batch 256, 224 px, AMP bf16, channels_last, compile on, 5 warm-up
 and 20 timed steps (CUDA events). On a CPU: batch 4, 64 px, fp32, NCHW, no compile, 1 + 3.
+--conv-backend (cudnn by default, or triton, auto; see fastres.set_conv_backend) picks the
+convolutions of the fastres models only; the table names it in their column.
 """
 import argparse
 import os
@@ -41,6 +44,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="channels_last model and inputs (default on GPU, off on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile of both models (default on GPU, off on CPU)")
+    p.add_argument("--conv-backend", choices=["cudnn", "triton", "auto"], default="cudnn",
+                   help="convolutions of the fastres models (fastres.conv_backend): PyTorch's "
+                        "(cuDNN), fastres' Triton ones with BatchNorm fused in, or per layer the "
+                        "faster; triton on CPU needs TRITON_INTERPRET=1 (default %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (5 GPU, 1 CPU)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (20 GPU, 3 CPU)")
     p.add_argument("--out", default="bench_results",
@@ -66,6 +73,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     import fastres.models
+    if args.conv_backend != "cudnn":
+        try:  # can the backend run here, on this device?
+            with fastres.conv_backend(args.conv_backend):
+                fastres.backends.resolve_conv(device)
+        except RuntimeError as e:
+            p.error(f"--conv-backend {args.conv_backend}: {e}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m.lower() not in fastres.models.list_models()]
     if unknown or not args.models:
@@ -105,12 +118,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta["settings"] = {"batch_size": args.batch_size, "image_size": args.image_size,
                         "dtype": args.dtype if args.dtype == "fp32" else f"AMP {args.dtype}",
                         "layout": "channels_last" if args.channels_last else "NCHW",
-                        "warmup": args.warmup, "iters": args.iters}
+                        "warmup": args.warmup, "iters": args.iters,
+                        "conv_backend": args.conv_backend}
     progress, done = _progress(len(args.models) * len(modes) * len(variants))
     rows = run_models(args.models, modes, variants, batch_size=args.batch_size,
                       image_size=args.image_size, dtype=DTYPES[args.dtype],
                       channels_last=args.channels_last, device=args.device,
-                      warmup=args.warmup, iters=args.iters, progress=progress)
+                      warmup=args.warmup, iters=args.iters,
+                      conv_backend=args.conv_backend, progress=progress)
     done()
     table = markdown_table(rows, meta)
     print(table)

@@ -52,6 +52,13 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def _label(variant: str, rows: List[dict]) -> str:
+    """The variant's name, with the conv backend its rows ran ("fastres (triton conv)")."""
+    convs = list(dict.fromkeys(r["conv_backend"] for r in rows
+                               if r["variant"] == variant and r.get("conv_backend")))
+    return f"{variant} ({'/'.join(convs)} conv)" if convs else variant
+
+
 def _cell(row: dict) -> str:
     if "error" in row:
         return f"failed ({row['error'][:60]})"
@@ -60,14 +67,16 @@ def _cell(row: dict) -> str:
 
 
 def markdown_table(rows: List[dict], meta: dict) -> str:
-    """One line per (model, mode): images/s (peak GiB) of each variant, and the speed-up of
-    fastres over torchvision eager and over torchvision compile."""
+    """One line per (model, mode): images/s (peak GiB) of each variant (the fastres ones named
+    with the conv backend they ran, when the rows say), and the speed-up of fastres over
+    torchvision eager and over torchvision compile."""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     settings = meta.get("settings", {})
     lines = [f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}, "
              f"CUDA {meta.get('cuda')}, cuDNN {meta.get('cudnn')}, {meta.get('date', '')}",
              ", ".join(f"{k} {v}" for k, v in settings.items()), "",
-             "| model | mode | " + " | ".join(f"{v} img/s (peak GiB)" for v in variants)
+             "| model | mode | " + " | ".join(f"{_label(v, rows)} img/s (peak GiB)"
+                                              for v in variants)
              + " | fastres vs torchvision eager | fastres vs torchvision compile |",
              "|---" * (len(variants) + 4) + "|"]
     for (model, mode), by_variant in _groups(rows).items():
@@ -106,7 +115,7 @@ def bar_chart(path: str, rows: List[dict], meta: dict) -> None:
         for i, variant in enumerate(variants):
             xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(modes))]
             heights = [_ips(groups[(model, mode)].get(variant)) or 0.0 for mode in modes]
-            bars = ax.bar(xs, heights, width, label=variant)
+            bars = ax.bar(xs, heights, width, label=_label(variant, rows))
             if variant != "fastres":
                 continue
             for bar, mode in zip(bars, modes):

@@ -4,6 +4,11 @@ ready-to-call step, for fastres and for the PyTorch baselines.
 Ops: every distinct BatchNorm of ResNet-50 (torchvision v1.5) as ``OpCase``; the
 implementations are ``"eager"`` (unfused PyTorch: batch_norm, add, relu), ``"compile"``
 (torch.compile of that sequence) and ``"fastres:<backend>"``.
+Convolutions: every distinct convolution of ResNet-50 as ``ConvCase``; the implementations are
+``"cudnn"`` (PyTorch's convolution alone: cuDNN on a GPU), ``"cudnn+bn_relu"`` (that convolution,
+then fastres' fused training-mode BatchNorm+ReLU of its output) and ``"triton"``
+(``fastres.ops.conv_bn``: the previous BatchNorm+ReLU in the prologue, the output's batch
+statistics from the epilogue).
 Blocks: ResNet-18's first BasicBlock and ResNet-50's first Bottleneck (56x56); ``"unfused"``
 (fused=False), ``"fused"`` and ``"fused compile"`` / ``"unfused compile"``.
 Models: ``"torchvision"``, ``"fastres"`` (fused), each optionally ``" compile"``; a training
@@ -22,7 +27,8 @@ from fastres.functional import batch_norm_add_relu, batch_norm_relu
 
 __all__ = [
     "DTYPES", "OpCase", "RESNET50_BN_SHAPES", "BLOCKS", "op_bytes", "make_op_step",
-    "make_block_step", "make_model", "make_model_step", "fastres_backends",
+    "make_block_step", "make_model", "make_model_step", "fastres_backends", "ConvCase",
+    "RESNET50_CONV_SHAPES", "CONV_IMPLS", "conv_flops", "make_conv_step",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -132,6 +138,122 @@ def make_op_step(case: OpCase, batch: int, dtype: torch.dtype, channels_last: bo
                 fn(x, r, rm, rv, w, b)
 
     return _with_backend(impl.split(":", 1)[1], step) if impl.startswith("fastres:") else step
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    cin: int
+    cout: int
+    kernel: int    # square kernel; padding kernel // 2 (ResNet's 7x7/3, 3x3/1, 1x1/0)
+    stride: int
+    hw: int        # input height = width
+    count: int     # how many convolutions of ResNet-50 have this shape
+    prologue: bool = True  # a BatchNorm+ReLU precedes it (all but the stem, whose input is
+    #                        the image) and runs in the Triton convolution's prologue
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def out_hw(self) -> int:
+        return (self.hw + 2 * self.padding - self.kernel) // self.stride + 1
+
+    @property
+    def name(self) -> str:
+        return (f"conv{self.kernel}x{self.kernel}-c{self.cin}-{self.cout}-s{self.stride}-"
+                f"{self.hw}x{self.hw}")
+
+
+# every distinct convolution of ResNet-50 (torchvision v1.5, 224 px): 23 shapes, 53 layers
+RESNET50_CONV_SHAPES = [
+    ConvCase(3, 64, 7, 2, 224, 1, prologue=False),
+    ConvCase(64, 64, 1, 1, 56, 1), ConvCase(64, 64, 3, 1, 56, 3), ConvCase(64, 256, 1, 1, 56, 4),
+    ConvCase(256, 64, 1, 1, 56, 2), ConvCase(256, 128, 1, 1, 56, 1),
+    ConvCase(128, 128, 3, 2, 56, 1), ConvCase(128, 512, 1, 1, 28, 4),
+    ConvCase(256, 512, 1, 2, 56, 1), ConvCase(512, 128, 1, 1, 28, 3),
+    ConvCase(128, 128, 3, 1, 28, 3), ConvCase(512, 256, 1, 1, 28, 1),
+    ConvCase(256, 256, 3, 2, 28, 1), ConvCase(256, 1024, 1, 1, 14, 6),
+    ConvCase(512, 1024, 1, 2, 28, 1), ConvCase(1024, 256, 1, 1, 14, 5),
+    ConvCase(256, 256, 3, 1, 14, 5), ConvCase(1024, 512, 1, 1, 14, 1),
+    ConvCase(512, 512, 3, 2, 14, 1), ConvCase(512, 2048, 1, 1, 7, 3),
+    ConvCase(1024, 2048, 1, 2, 14, 1), ConvCase(2048, 512, 1, 1, 7, 2),
+    ConvCase(512, 512, 3, 1, 7, 2),
+]
+
+CONV_IMPLS = ["cudnn", "cudnn+bn_relu", "triton"]
+
+
+def conv_flops(case: ConvCase, batch: int, backward: bool) -> int:
+    """2*N*P*Q*COUT*CIN*KH*KW for the forward; three times that with backward (data and
+    weight gradients)."""
+    fwd = 2 * batch * case.out_hw ** 2 * case.cout * case.cin * case.kernel ** 2
+    return 3 * fwd if backward else fwd
+
+
+def make_conv_step(case: ConvCase, batch: int, dtype: torch.dtype, channels_last: bool, device,
+                   impl: str, backward: bool) -> Callable[[], None]:
+    """A step that runs the convolution `case` once with `impl` (CONV_IMPLS) in training mode:
+    forward, and with `backward` the gradients of the input, the weight and the BatchNorm
+    affine parameters.
+
+    "cudnn": F.conv2d. "cudnn+bn_relu": F.conv2d, then fastres.functional.batch_norm_relu of
+    the output (batch statistics, running statistics updated; the fastres backend that
+    ``fastres.backend`` selects). "triton": fastres.ops.conv_bn with the previous BatchNorm+ReLU
+    in its prologue (when ``case.prologue``; the input's batch statistics are given, as the
+    previous convolution's epilogue would give them) and ``stats=True``."""
+    from fastres.ops import conv_bn
+
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown convolution implementation {impl!r}; choose one of "
+                         f"{', '.join(CONV_IMPLS)}")
+    device = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    k, s, pad = case.kernel, case.stride, case.padding
+    x = torch.randn(batch, case.cin, case.hw, case.hw, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=fmt)
+    w = torch.randn(case.cout, case.cin, k, k, device=device) * (2.0 / (case.cin * k * k)) ** 0.5
+    w = w.to(dtype).contiguous(memory_format=fmt)
+    x.requires_grad_(backward)
+    w.requires_grad_(backward)
+    leaves = [x, w]
+    if impl == "cudnn+bn_relu":
+        gamma = torch.ones(case.cout, device=device, requires_grad=backward)
+        beta = torch.zeros(case.cout, device=device, requires_grad=backward)
+        rm, rv = torch.zeros(case.cout, device=device), torch.ones(case.cout, device=device)
+        leaves += [gamma, beta]
+
+        def fn():
+            return batch_norm_relu(F.conv2d(x, w, None, s, pad), rm, rv, gamma, beta, True,
+                                   0.1, 1e-5)
+    elif impl == "cudnn":
+        def fn():
+            return F.conv2d(x, w, None, s, pad)
+    else:
+        prologue = {}
+        if case.prologue:
+            with torch.no_grad():
+                xf = x.float()
+                mean, var = xf.mean((0, 2, 3)), xf.var((0, 2, 3), unbiased=False)
+            gamma = torch.ones(case.cin, device=device, requires_grad=backward)
+            beta = torch.zeros(case.cin, device=device, requires_grad=backward)
+            leaves += [gamma, beta]
+            prologue = dict(in_weight=gamma, in_bias=beta, in_mean=mean, in_var=var,
+                            in_eps=1e-5, in_relu=True, in_training=True)
+
+        def fn():
+            return conv_bn(x, w, s, pad, stats=True, **prologue)[0]
+    g = torch.randn(batch, case.cout, case.out_hw, case.out_hw, device=device, dtype=dtype)
+    g = g.contiguous(memory_format=fmt)
+
+    def step():
+        if backward:
+            torch.autograd.grad(fn(), leaves, g)
+        else:
+            with torch.no_grad():
+                fn()
+
+    return step
 
 
 # (name, block class name, inplanes, planes, feature map size): the first block of a stage

@@ -163,11 +163,12 @@ def materialize(p, residual: Optional[Tensor] = None) -> Tensor:
 
 
 def _measure(conv: nn.Conv2d, shape, dtype: torch.dtype, training: bool) -> str:
-    """Which of "triton" and "cudnn" runs this layer faster on this GPU (CUDA-event timing of
-    forward, plus backward in training). Triton: the convolution with the previous BatchNorm in
-    its prologue and the statistics epilogue; cuDNN: the fused BatchNorm+ReLU of the input,
-    then the convolution (its statistics are paid later by the next BatchNorm, so the
-    comparison favours cuDNN)."""
+    """Which of "triton" and "cudnn" runs this layer faster on this GPU (CUDA-event timing).
+    Training (forward + backward): Triton's convolution with the previous BatchNorm in its
+    prologue and the statistics epilogue, against the fused BatchNorm+ReLU of the input then
+    cuDNN's convolution (whose statistics are paid later by the next BatchNorm, so the
+    comparison favours cuDNN). Inference: the folded convolution with bias + ReLU epilogue on
+    each."""
     from ..functional import batch_norm_relu
 
     device = conv.weight.device
@@ -184,14 +185,20 @@ def _measure(conv: nn.Conv2d, shape, dtype: torch.dtype, training: bool) -> str:
     w.requires_grad_(training)
     stride, padding = conv.stride[0], conv.padding[0]
 
+    bias = torch.zeros(conv.out_channels, device=device, dtype=dtype)
+
     def run_triton():
+        if not training:  # folded inference: bias + ReLU epilogue
+            return conv_bn(x, w, stride, padding, bias=bias, relu=True)[0]
         y, _, _ = conv_bn(x, w, stride, padding, in_weight=gamma, in_bias=beta, in_mean=mean,
-                          in_var=var, in_training=training, stats=training)
+                          in_var=var, stats=True)
         return y
 
     def run_cudnn():
-        a = batch_norm_relu(x, None if training else mean, None if training else var, gamma,
-                            beta, training=training)
+        if not training:
+            return torch.cudnn_convolution_relu(x, w, bias, conv.stride, conv.padding,
+                                                conv.dilation, 1)
+        a = batch_norm_relu(x, None, None, gamma, beta, training=True)
         return F.conv2d(a, w, None, stride, padding)
 
     times = {}

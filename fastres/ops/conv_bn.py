@@ -114,8 +114,8 @@ def _fake_forward(x, weight, bias, residual, in_weight, in_bias, in_mean, in_var
                   in_eps, in_relu, in_training, relu, stats):
     n, _, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    out = x.new_empty((n, cout, _out_hw(h, kh, stride, padding), _out_hw(w, kw, stride, padding)),
-                      memory_format=torch.channels_last)
+    out = torch.empty((n, cout, _out_hw(h, kh, stride, padding), _out_hw(w, kw, stride, padding)),
+                      dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     c = cout if stats else 0
     return out, x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32)
 
@@ -125,7 +125,8 @@ def _fake_backward(grad_out, x, weight, in_weight, in_bias, in_mean, in_var, str
                    in_eps, in_relu, in_training, need_input, need_weight):
     grad_x = torch.empty_like(x, memory_format=torch.channels_last) if need_input else \
         x.new_empty((0,))
-    grad_weight = weight.new_empty(weight.shape, memory_format=torch.channels_last) \
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
+                              memory_format=torch.channels_last) \
         if need_weight else weight.new_empty((0,))
     c = x.shape[1] if need_input and in_mean is not None else 0
     return (grad_x, grad_weight, x.new_empty((c,), dtype=torch.float32),

@@ -27,7 +27,7 @@ so a program loops over only those taps (no masked-out MACs).
 Block sizes: BLOCK_M is chosen by the launcher (it sizes the statistics partials); BLOCK_N,
 BLOCK_K, num_warps and num_stages are autotuned per shape (``triton.autotune``, cached per
 key), from a small set of configs that suit sm80 and sm90. Under TRITON_INTERPRET=1 a single
-small config is used.
+small config is used; FASTRES_CONV_AUTOTUNE=0 (read at import) skips tuning on a GPU.
 """
 import os
 from typing import Optional, Tuple
@@ -56,6 +56,8 @@ def _configs(space):
     """Autotuning configs: `space` is a list of (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     if _interpret():
         space = [(16, 16, 4, 1)]
+    elif os.environ.get("FASTRES_CONV_AUTOTUNE", "1") == "0":
+        space = space[3:4]  # one good default per kernel, no tuning (fast first calls)
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for n, k, w, s in space]
 
@@ -76,6 +78,14 @@ def _grouped_tile(pid, n_m, n_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % width) % size
     pid_n = (pid % width) // size
     return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b in fp32; fp32 inputs in full precision when IEEE, else TF32."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -109,7 +119,7 @@ def _conv_fwd_kernel(
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         PROLOGUE: tl.constexpr, PRO_RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
-        PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+        IEEE: tl.constexpr, GROUP_M: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(COUT, BLOCK_N)
@@ -139,7 +149,7 @@ def _conv_fwd_kernel(
                     a = _prologue(a, ci, ci_ok, amask, scale_ptr, shift_ptr, PRO_RELU)
                 b = tl.load(w_ptr + cols[None, :].to(tl.int64) * ktot + (wbase + ci)[:, None],
                             mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = _dot(a, b, acc, IEEE)
 
     # epilogue
     mask = row_ok[:, None] & col_ok[None, :]
@@ -173,7 +183,7 @@ def _conv_dgrad_kernel(
         go_ptr, w_ptr, gi_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, psg_ptr, psgx_ptr,
         N, H, W, CIN, P, Q, COUT, HC, WC,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        PROLOGUE: tl.constexpr, PRO_RELU: tl.constexpr, PRECISION: tl.constexpr,
+        PROLOGUE: tl.constexpr, PRO_RELU: tl.constexpr, IEEE: tl.constexpr,
         GROUP_M: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # program_id(1) is the phase class (rh, rw) of the input pixels: h = hh * STRIDE + rh
@@ -219,7 +229,7 @@ def _conv_dgrad_kernel(
                         b = tl.load(w_ptr + co[:, None].to(tl.int64) * ktot + wbase
                                     + cols[None, :],
                                     mask=co_ok[:, None] & col_ok[None, :], other=0.0)
-                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                        acc = _dot(a, b, acc, IEEE)
 
     mask = row_ok[:, None] & col_ok[None, :]
     offs = ((n * H + h) * W + w)[:, None] * CIN + cols[None, :]
@@ -251,7 +261,7 @@ def _conv_wgrad_kernel(
         go_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
         M, H, W, CIN, P, Q, COUT, ROWS_PER_SPLIT,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        PROLOGUE: tl.constexpr, PRO_RELU: tl.constexpr, PRECISION: tl.constexpr,
+        PROLOGUE: tl.constexpr, PRO_RELU: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # tile (co block, ci block, tap) x split of the pixel range; BLOCK_N runs over CIN,
     # BLOCK_K over output pixels (the GEMM's reduction)
@@ -284,7 +294,7 @@ def _conv_wgrad_kernel(
                     mask=amask, other=0.0)                                   # [BK, BLOCK_N]
         if PROLOGUE:
             a = _prologue(a, ci, ci_ok, amask, scale_ptr, shift_ptr, PRO_RELU)
-        acc = tl.dot(tl.trans(g), a, acc, input_precision=PRECISION)
+        acc = _dot(tl.trans(g), a, acc, IEEE)
     offs = ((split.to(tl.int64) * COUT + co[:, None]) * (KH * KW) + tap) * CIN + ci[None, :]
     tl.store(ws_ptr + offs, acc, mask=co_ok[:, None] & ci_ok[None, :])
 
@@ -330,11 +340,10 @@ def _check_nhwc(t: Tensor, name: str) -> None:
                          f"{tuple(t.shape)} strides {t.stride()}")
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch.backends.cudnn.allow_tf32, as PyTorch's own convolutions do."""
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _ieee(dtype: torch.dtype) -> bool:
+    """fp32 products: full precision unless torch.backends.cudnn.allow_tf32 (PyTorch's default
+    for its own convolutions), then TF32."""
+    return dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
 
 def _block_m(rows: int) -> int:
@@ -398,7 +407,7 @@ def conv_forward(x: Tensor, weight: Tensor, stride: int, padding: int,
             g.M, g.H, g.W, g.CIN, g.P, g.Q, g.COUT,
             KH=g.KH, KW=g.KW, STRIDE=g.stride, PAD=g.padding, PROLOGUE=prologue,
             PRO_RELU=in_relu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            RELU=relu, STATS=stats, PRECISION=_precision(x.dtype), GROUP_M=_GROUP_M,
+            RELU=relu, STATS=stats, IEEE=_ieee(x.dtype), GROUP_M=_GROUP_M,
             BLOCK_M=block_m)
     if stats and g.M > 0:
         mean, var = merge_partial_stats(cnt, pmean, pm2)
@@ -452,7 +461,7 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, stride: int, padding
             psgx if prologue else grad_in,
             g.N, g.H, g.W, g.CIN, g.P, g.Q, g.COUT, HC, WC,
             KH=g.KH, KW=g.KW, STRIDE=s, PAD=g.padding, PROLOGUE=prologue, PRO_RELU=in_relu,
-            PRECISION=_precision(x.dtype), GROUP_M=_GROUP_M, BLOCK_M=block_m)
+            IEEE=_ieee(x.dtype), GROUP_M=_GROUP_M, BLOCK_M=block_m)
     return grad_in, psg, psgx
 
 
@@ -481,7 +490,7 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride: int, padding: 
         wrap_triton(_conv_wgrad_kernel)[grid](
             grad_out, x, scale, shift, ws, g.M, g.H, g.W, g.CIN, g.P, g.Q, g.COUT,
             rows_per_split, KH=g.KH, KW=g.KW, STRIDE=g.stride, PAD=g.padding,
-            PROLOGUE=prologue, PRO_RELU=in_relu, PRECISION=_precision(x.dtype),
+            PROLOGUE=prologue, PRO_RELU=in_relu, IEEE=_ieee(x.dtype),
             BLOCK_CO=block_co)
     grad_w = ws[0] if splits == 1 else ws.sum(dim=0)
     return grad_w.permute(0, 3, 1, 2)  # [COUT, CIN, KH, KW] with channels-last strides

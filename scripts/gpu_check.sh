@@ -57,7 +57,8 @@ stage_conv() {  # Triton convolutions: GPU tests; per-layer benchmark (every Res
   # shape, batch 256, bf16, channels_last: cuDNN, cuDNN + BN + ReLU, Triton conv_bn); ResNet-50
   # with conv backend triton, then cudnn to compare (no torch.compile: the models stage has it)
   local status=0
-  $PY -m pytest tests/test_gpu_conv.py -v -rs -p no:cacheprovider 2>&1 \
+  # correctness with one config per kernel (no autotuning: compiles fast); the benchmarks tune
+  FASTRES_CONV_AUTOTUNE=0 $PY -m pytest tests/test_gpu_conv.py -v -rs -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_conv_tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   $PY -m pytest benchmarks/test_bench_conv.py --benchmark-only -q -rs -p no:cacheprovider \

@@ -9,6 +9,8 @@ in this process, with the *unsynchronised* modules run on the whole batch:
   unconverted network: loss, every parameter gradient, three SGD steps, running statistics;
 * a SyncBatchNormAddReLU2d alone (momentum=None, channels_last, ranks of unequal batch size,
   gradients of input, residual, weight and bias; fused, unfused and Triton kernels);
+* a Bottleneck on the Triton conv chain in DDP (plain BatchNorm), against the mean of the
+  halves' gradients;
 * bfloat16, a rank with an empty batch, too few values per channel over all ranks, a group of
   one rank, bad residuals.
 """
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import fastres
-from fastres.nn import BasicBlock, BatchNormAct2d, BatchNormAddReLU2d, BatchNormReLU2d
+from fastres.nn import (BasicBlock, BatchNormAct2d, BatchNormAddReLU2d, BatchNormReLU2d,
+                        Bottleneck)
 from fastres.nn.sync_batch_norm import (SyncBatchNormAct2d, SyncBatchNormAddReLU2d,
                                         SyncBatchNormReLU2d, convert_sync_batchnorm)
 from numerics import assert_close_rule
@@ -131,6 +134,8 @@ def _worker(rank: int, port: int, tmpdir: str):
     try:
         res = {}
         res["ddp"] = _ddp_scenario(rank)
+        if HAS_TRITON:
+            res["ddp_triton_conv"] = _ddp_triton_conv_scenario(rank)
         lo = 0 if rank == 0 else MODULE_SPLIT[0]
         mine = slice(lo, lo + MODULE_SPLIT[rank])
         for fused in (True, False):
@@ -176,6 +181,25 @@ def _ddp_scenario(rank: int):
     with torch.no_grad():
         eval_out = ddp(net_data(0)[0][mine])
     return dict(types=types, losses=losses, grads=grads, state=state, eval_out=eval_out)
+
+
+def _ddp_triton_conv_scenario(rank: int):
+    """A Bottleneck (plain BatchNorm: per-rank statistics) in DDP with the Triton conv chain,
+    and, computed here on both halves without DDP on the default (cuDNN/PyTorch conv) path,
+    the mean of the two halves' gradients, which DDP's averaged gradient must equal."""
+    torch.manual_seed(0)
+    block = Bottleneck(8, 2, stride=2)
+    reference = Bottleneck(8, 2, stride=2)
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(4, 8, 5, 5, generator=torch.Generator().manual_seed(3))
+    ddp = DistributedDataParallel(block)
+    with fastres.conv_backend("triton"):
+        ddp(x[2 * rank:2 * rank + 2]).square().mean().backward()
+    for half in (x[:2], x[2:]):
+        reference(half).square().mean().backward()
+    return dict(grads={n: p.grad.clone() for n, p in block.named_parameters()},
+                expected={n: p.grad / 2 for n, p in reference.named_parameters()},
+                running_var=block.bn2.running_var.clone())
 
 
 def _one_value_each(m, rank):
@@ -266,6 +290,17 @@ def test_ddp_resnet_matches_single_process_on_whole_batch(ranks):
     ref.eval()
     with torch.no_grad():
         assert_close_scaled(torch.cat([r["eval_out"] for r in results]), ref(net_data(0)[0]))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_ddp_with_triton_conv_chain(ranks):
+    """DDP averages the Triton chain's gradients like any module's; BatchNorm statistics stay
+    per rank (plain BatchNorm2d), so the two ranks' running statistics differ."""
+    results = [r["ddp_triton_conv"] for r in ranks]
+    for rank, r in enumerate(results):
+        for name, g in r["grads"].items():
+            assert_close_scaled(g, r["expected"][name], 1e-4, msg=f"{name}, rank {rank}")
+    assert not torch.allclose(results[0]["running_var"], results[1]["running_var"])
 
 
 def _whole_batch_reference(m, steps=STEPS, residual=True, dtype=torch.float32,

@@ -103,10 +103,15 @@ def resolve(device: torch.device) -> str:
         raise RuntimeError(f"fastres: backend 'cpu' runs on CPU tensors, got tensors on {device}")
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"fastres: backend 'cuda' runs on CUDA tensors, got tensors on {device}")
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
-        raise RuntimeError(f"fastres: backend 'triton' runs on CUDA tensors (or on CPU under "
-                           f"TRITON_INTERPRET=1), got tensors on {device}")
+    if name == "triton":
+        _check_triton_device(device, "backend")
     return name
+
+
+def _check_triton_device(device: torch.device, what: str) -> None:
+    if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
+        raise RuntimeError(f"fastres: {what} 'triton' runs on CUDA tensors (or on CPU under "
+                           f"TRITON_INTERPRET=1), got tensors on {device}")
 
 
 def _auto_for(device: torch.device) -> str:
@@ -172,11 +177,8 @@ _conv_auto_choice: dict = {}
 
 
 def _why_conv_unavailable(name: str):
-    if name in ("auto", "cudnn"):
-        return None
-    if name == "triton":
-        return _why_unavailable("triton")
-    return f"unknown convolution backend {name!r}; choose one of {', '.join(CONV_NAMES)}"
+    """None if convolution backend `name` (a known one) can run here, else the reason."""
+    return _why_unavailable("triton") if name == "triton" else None
 
 
 def set_conv_backend(name: str) -> None:
@@ -210,9 +212,7 @@ def resolve_conv(device: torch.device, key=None, measure=None) -> str:
     if name == "cudnn":
         return "cudnn"
     if name == "triton":
-        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
-            raise RuntimeError(f"fastres: convolution backend 'triton' runs on CUDA tensors (or on "
-                               f"CPU under TRITON_INTERPRET=1), got tensors on {device}")
+        _check_triton_device(device, "convolution backend")
         return "triton"
     if device.type != "cuda" or _why_unavailable("triton") is not None:
         return "cudnn"

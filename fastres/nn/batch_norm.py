@@ -16,6 +16,27 @@ from ..functional import batch_norm_add_relu, batch_norm_relu
 __all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "BatchNormAct2d"]
 
 
+def bn_arguments(bn: nn.BatchNorm2d) -> dict:
+    """The arguments nn.BatchNorm2d.forward would pass to F.batch_norm (for any BatchNorm2d,
+    also the plain ones the Triton conv chain normalises)."""
+    if bn.training and bn.track_running_stats:
+        bn_training = True
+    else:
+        bn_training = bn.running_mean is None and bn.running_var is None
+    use_running = not bn.training or bn.track_running_stats
+    return dict(
+        running_mean=bn.running_mean if use_running else None,
+        running_var=bn.running_var if use_running else None,
+        weight=bn.weight, bias=bn.bias, training=bn_training, momentum=bn.momentum, eps=bn.eps)
+
+
+def batches_counter(bn: nn.BatchNorm2d, bn_training: bool):
+    """The num_batches_tracked counter nn.BatchNorm2d increments in this call, or None."""
+    if bn.training and bn.track_running_stats and bn_training:
+        return bn.num_batches_tracked
+    return None
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """nn.BatchNorm2d with an optional fused residual add and ReLU (base of the two below).
 
@@ -34,22 +55,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return super().extra_repr() + f", relu={self.relu}, fused={self.fused}"
 
     def _bn_arguments(self):
-        """The arguments nn.BatchNorm2d.forward would pass to F.batch_norm."""
-        if self.training and self.track_running_stats:
-            bn_training = True
-        else:
-            bn_training = self.running_mean is None and self.running_var is None
-        use_running = not self.training or self.track_running_stats
-        return dict(
-            running_mean=self.running_mean if use_running else None,
-            running_var=self.running_var if use_running else None,
-            weight=self.weight, bias=self.bias, training=bn_training, momentum=self.momentum,
-            eps=self.eps)
+        return bn_arguments(self)
 
     def _counter(self, bn_training):
-        if self.training and self.track_running_stats and bn_training:
-            return self.num_batches_tracked
-        return None
+        return batches_counter(self, bn_training)
 
     def _forward(self, input: Tensor, residual) -> Tensor:
         self._check_input_dim(input)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.conv_bn import conv_bn
+from ..ops.conv_bn import compute_dtype, conv_bn
 from .batch_norm import BatchNormAct2d
 from .conv_bn_chain import conv_bn_pending, materialize, triton_conv_for
 
@@ -84,20 +84,10 @@ def _folded(conv, bn, dtype, memory_format):
     return cache[1], cache[2]
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
                        residual: Optional[Tensor], relu: bool) -> Tensor:
     """Eval-mode conv + BN (+ add) (+ ReLU) as one convolution with folded weights."""
-    dtype = _compute_dtype(x)
-    channels_last = x.dim() == 4 and not x.is_contiguous() and \
-        x.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    weight, bias = _folded(conv, bn, dtype, fmt)
+    dtype = compute_dtype(x)
     x = x.to(dtype)
     if residual is not None:
         residual = residual.to(dtype)
@@ -107,6 +97,10 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
         out, _, _ = conv_bn(x, weight, conv.stride, conv.padding, bias=bias, residual=residual,
                             relu=relu)
         return out
+    channels_last = x.dim() == 4 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    weight, bias = _folded(conv, bn, dtype, fmt)
     if x.is_cuda and relu and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
         if residual is None:
             return torch.cudnn_convolution_relu(x, weight, bias, conv.stride, conv.padding,

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from .. import backends
 from ..ops.batch_norm_act import _update_running_stats
-from ..ops.conv_bn import conv_bn
-from .batch_norm import BatchNormAct2d
+from ..ops.conv_bn import compute_dtype, conv_bn
+from .batch_norm import BatchNormAct2d, batches_counter, bn_arguments
 
 __all__ = ["PendingBatchNorm", "conv_bn_pending", "materialize", "triton_conv_for"]
 
@@ -66,43 +66,16 @@ def _layer_key(conv: nn.Conv2d, x: Tensor, dtype: torch.dtype, training: bool):
             conv.padding[0], dtype, training)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def triton_conv_for(conv: nn.Conv2d, bn: nn.Module, x: Tensor, training: bool) -> bool:
     """True when the conv backend runs this layer on the Triton convolution."""
     if backends.get_conv_backend() == "cudnn" or not _supported(conv, bn):
         return False
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if dtype not in _DTYPES:
         return False
     key = _layer_key(conv, x, dtype, training)
     return backends.resolve_conv(
         x.device, key, lambda: _measure(conv, x.shape, dtype, training)) == "triton"
-
-
-def _bn_mode(bn: nn.BatchNorm2d):
-    """(batch_stats, running_mean, running_var): what nn.BatchNorm2d.forward would use."""
-    if bn.training and bn.track_running_stats:
-        batch_stats = True
-    else:
-        batch_stats = bn.running_mean is None and bn.running_var is None
-    use_running = not bn.training or bn.track_running_stats
-    return (batch_stats, bn.running_mean if use_running else None,
-            bn.running_var if use_running else None)
-
-
-def _update(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, running_mean, running_var,
-            count: int) -> None:
-    if running_mean is None or not bn.training:
-        return
-    counter = bn.num_batches_tracked if bn.track_running_stats else None
-    if bn.momentum is None and counter is None:
-        raise ValueError("fastres: momentum=None needs the num_batches_tracked counter")
-    _update_running_stats(running_mean, running_var, mean, var, bn.momentum, counter, count)
 
 
 def conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, x, relu: bool = True,
@@ -112,7 +85,9 @@ def conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, x, relu: bool = True,
     source = x.y if isinstance(x, PendingBatchNorm) else x
     if use_triton is None:
         use_triton = triton_conv_for(conv, bn, source, bn.training)
-    batch_stats, running_mean, running_var = _bn_mode(bn)
+    args = bn_arguments(bn)
+    batch_stats, running_mean, running_var = (args["training"], args["running_mean"],
+                                              args["running_var"])
     if not use_triton:
         y = conv(materialize(x) if isinstance(x, PendingBatchNorm) else x)
         return PendingBatchNorm(y, bn, None, None, batch_stats, relu)
@@ -132,7 +107,9 @@ def conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, x, relu: bool = True,
         if y.numel() // y.shape[1] == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input "
                              f"size {y.size()}")
-        _update(bn, mean, var, running_mean, running_var, y.numel() // y.shape[1])
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, mean, var, bn.momentum,
+                                  batches_counter(bn, batch_stats), y.numel() // y.shape[1])
     else:
         mean, var = running_mean, running_var
     return PendingBatchNorm(y, bn, mean, var, batch_stats, relu)

@@ -30,19 +30,21 @@ which recomputes act(x) while loading x.
 Inputs: x, weight, residual channels-last 4-D tensors of one dtype (float32, float16 or
 bfloat16); BatchNorm vectors float32 or x's dtype. :func:`conv_bn` converts and checks.
 """
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["conv_bn", "prologue_scale_shift"]
+from .batch_norm_act import _triton_operator
+
+__all__ = ["compute_dtype", "conv_bn", "prologue_scale_shift"]
 
 
-def _triton_operator(name):
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return torch.library.custom_op(name, mutates_args=())
-    return torch.library.triton_op(name, mutates_args=())
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a convolution of `x` runs in: autocast's when it is enabled, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def prologue_scale_shift(in_weight: Optional[Tensor], in_bias: Optional[Tensor], in_mean: Tensor,
@@ -209,9 +211,7 @@ def conv_bn(x: Tensor, weight: Tensor, stride=1, padding=0, *, bias: Optional[Te
     if x.device != weight.device:
         raise ValueError(f"fastres conv: x is on {x.device} but weight is on {weight.device}")
     stride, padding = _square(stride, "stride"), _square(padding, "padding")
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = compute_dtype(x)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"fastres conv: the Triton convolution supports float32, float16 and "
                         f"bfloat16, got {dtype}")

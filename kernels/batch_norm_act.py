@@ -3,9 +3,9 @@
     out = relu?(x * scale + shift + residual?)     scale = w * invstd, shift = b - mean * scale
 
 The two launchers, :func:`bn_act_forward` and :func:`bn_act_backward`, are called from the body
-of a ``torch.library.triton_op``: every kernel is launched through ``wrap_triton``, tensors are
-allocated with torch ops only, and Python decisions depend on shapes, strides, dtypes and the
-bool/float arguments only (never on tensor values).
+of a ``torch.library.triton_op``: every kernel is launched through ``kernels.launch.launch``
+(``wrap_triton`` on a GPU), tensors are allocated with torch ops only, and Python decisions
+depend on shapes, strides, dtypes and the bool/float arguments only (never on tensor values).
 
 Layouts (same rule as the C++ backends):
 
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+from .launch import launch
 
 __all__ = ["bn_act_forward", "bn_act_backward", "merge_partial_stats", "bn_backward_from_partials"]
 
@@ -490,11 +490,11 @@ def _batch_stats(x: Tensor, lay: _Layout) -> Tuple[Tensor, Tensor]:
     f32 = dict(dtype=torch.float32, device=x.device)
     cnt, pmean, pm2 = (torch.empty((P, C), **f32) for _ in range(3))
     if lay.nhwc:
-        wrap_triton(_stats_nhwc_kernel)[grid](
+        launch(_stats_nhwc_kernel)[grid](
             x, cnt, pmean, pm2, lay.count, C, n_cblocks, iters,
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_NUM_WARPS)
     else:
-        wrap_triton(_stats_nchw_kernel)[grid](
+        launch(_stats_nchw_kernel)[grid](
             x, cnt, pmean, pm2, lay.N, C, lay.S, n_nblocks, n_schunks, iters,
             BLOCK_N=block_n, BLOCK_S=block_s, num_warps=_NUM_WARPS)
     return merge_partial_stats(cnt, pmean, pm2)
@@ -515,7 +515,7 @@ def _merge_per_channel(kernel, inputs, *scalars) -> Tuple[Tensor, Tensor]:
     f32 = dict(dtype=torch.float32, device=inputs[0].device)
     out0, out1 = torch.empty(C, **f32), torch.empty(C, **f32)
     block_c = min(triton.next_power_of_2(C), _MERGE_BLOCK_C)
-    wrap_triton(kernel)[(_cdiv(C, block_c),)](
+    launch(kernel)[(_cdiv(C, block_c),)](
         *inputs, out0, out1, P, C, *scalars,
         BLOCK_P=min(triton.next_power_of_2(P), _MERGE_BLOCK_P), BLOCK_C=block_c, num_warps=4)
     return out0, out1
@@ -559,7 +559,7 @@ def bn_act_forward(input: Tensor, residual: Optional[Tensor], weight: Optional[T
         block_m, block_c = _nhwc_blocks(lay.count, C)
         n_cblocks = _cdiv(C, block_c)
         grid = (_cdiv(lay.count, block_m) * n_cblocks,)
-        wrap_triton(_fwd_nhwc_kernel)[grid](
+        launch(_fwd_nhwc_kernel)[grid](
             input, res, w, b, mean, var, out, lay.count, C, eps, n_cblocks, **flags,
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_NUM_WARPS)
     else:
@@ -567,7 +567,7 @@ def bn_act_forward(input: Tensor, residual: Optional[Tensor], weight: Optional[T
         block_p, block_s = _nchw_blocks(NC, lay.S)
         n_sblocks = _cdiv(lay.S, block_s)
         grid = (_cdiv(NC, block_p) * n_sblocks,)
-        wrap_triton(_fwd_nchw_kernel)[grid](
+        launch(_fwd_nchw_kernel)[grid](
             input, res, w, b, mean, var, out, NC, C, lay.S, eps, n_sblocks, **flags,
             BLOCK_P=block_p, BLOCK_S=block_s, num_warps=_NUM_WARPS)
     return out, mean, var
@@ -612,7 +612,7 @@ def bn_act_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor]
         n_cblocks = _cdiv(C, block_c)
         iters, P = _split(_cdiv(lay.count, block_m), n_cblocks)
         psg, psgx = torch.empty((P, C), **f32), torch.empty((P, C), **f32)
-        wrap_triton(_bwd_reduce_nhwc_kernel)[(P * n_cblocks,)](
+        launch(_bwd_reduce_nhwc_kernel)[(P * n_cblocks,)](
             grad_output, input, out, w, b, mean, var, psg, psgx, lay.count, C, eps, n_cblocks,
             iters, **flags, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_NUM_WARPS)
     else:
@@ -621,7 +621,7 @@ def bn_act_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor]
         iters, n_schunks = _split(_cdiv(lay.S, block_s), C * n_nblocks)
         P = n_nblocks * n_schunks
         psg, psgx = torch.empty((P, C), **f32), torch.empty((P, C), **f32)
-        wrap_triton(_bwd_reduce_nchw_kernel)[(C * P,)](
+        launch(_bwd_reduce_nchw_kernel)[(C * P,)](
             grad_output, input, out, w, b, mean, var, psg, psgx, lay.N, C, lay.S, eps,
             n_nblocks, n_schunks, iters, **flags,
             BLOCK_N=block_n, BLOCK_S=block_s, num_warps=_NUM_WARPS)
@@ -638,7 +638,7 @@ def bn_act_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor]
         block_m, block_c = _nhwc_blocks(lay.count, C)
         n_cblocks = _cdiv(C, block_c)
         grid = (_cdiv(lay.count, block_m) * n_cblocks,)
-        wrap_triton(_bwd_nhwc_kernel)[grid](
+        launch(_bwd_nhwc_kernel)[grid](
             grad_output, input, out, w, b, mean, var, grad_weight, grad_bias, grad_input, gr,
             lay.count, C, eps, inv_count, n_cblocks, **flags,
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_NUM_WARPS)
@@ -647,7 +647,7 @@ def bn_act_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor]
         block_p, block_s = _nchw_blocks(NC, lay.S)
         n_sblocks = _cdiv(lay.S, block_s)
         grid = (_cdiv(NC, block_p) * n_sblocks,)
-        wrap_triton(_bwd_nchw_kernel)[grid](
+        launch(_bwd_nchw_kernel)[grid](
             grad_output, input, out, w, b, mean, var, grad_weight, grad_bias, grad_input, gr,
             NC, C, lay.S, eps, inv_count, n_sblocks, **flags,
             BLOCK_P=block_p, BLOCK_S=block_s, num_warps=_NUM_WARPS)
@@ -679,7 +679,7 @@ def bn_backward_from_partials(g: Tensor, input: Tensor, weight: Optional[Tensor]
     block_m, block_c = _nhwc_blocks(lay.count, C)
     n_cblocks = _cdiv(C, block_c)
     grid = (_cdiv(lay.count, block_m) * n_cblocks,)
-    wrap_triton(_bwd_nhwc_kernel)[grid](
+    launch(_bwd_nhwc_kernel)[grid](
         g, input, g, w, b, mean, var, grad_weight, grad_bias, g, g,
         lay.count, C, eps, 1.0 / lay.count, n_cblocks, HAS_OUT=False, HAS_RES=False,
         HAS_W=weight is not None, HAS_B=bias is not None, RELU=False, TRAINING=training,

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+from .launch import launch
 
 from .batch_norm_act import _affine, merge_partial_stats
 
@@ -401,7 +401,7 @@ def conv_forward(x: Tensor, weight: Tensor, stride: int, padding: int,
         cnt = pmean = pm2 = out
     if g.M > 0:
         grid = lambda meta: (n_m * triton.cdiv(g.COUT, meta["BLOCK_N"]),)  # noqa: E731
-        wrap_triton(_conv_fwd_kernel)[grid](
+        launch(_conv_fwd_kernel)[grid](
             x, weight, out, bias if bias is not None else out,
             residual if residual is not None else out, scale, shift, cnt, pmean, pm2,
             g.M, g.H, g.W, g.CIN, g.P, g.Q, g.COUT,
@@ -455,7 +455,7 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, x: Tensor, stride: int, padding
         psg = psgx = torch.empty(0, **f32)
     if x.numel() > 0:
         grid = lambda meta: (n_m * triton.cdiv(g.CIN, meta["BLOCK_N"]), s * s)  # noqa: E731
-        wrap_triton(_conv_dgrad_kernel)[grid](
+        launch(_conv_dgrad_kernel)[grid](
             grad_out, weight, grad_in, x, scale, shift,
             in_mean if prologue else scale, psg if prologue else grad_in,
             psgx if prologue else grad_in,
@@ -487,7 +487,7 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape, stride: int, padding: 
     if g.M > 0:
         n_co = triton.cdiv(g.COUT, block_co)
         grid = lambda meta: (taps * n_co * triton.cdiv(g.CIN, meta["BLOCK_N"]), splits)  # noqa: E731
-        wrap_triton(_conv_wgrad_kernel)[grid](
+        launch(_conv_wgrad_kernel)[grid](
             grad_out, x, scale, shift, ws, g.M, g.H, g.W, g.CIN, g.P, g.Q, g.COUT,
             rows_per_split, KH=g.KH, KW=g.KW, STRIDE=g.stride, PAD=g.padding,
             PROLOGUE=prologue, PRO_RELU=in_relu, IEEE=_ieee(x.dtype),

@@ -108,7 +108,28 @@ def resolve(device: torch.device) -> str:
     return name
 
 
+_meta_launches = [False]  # True inside launches_on_meta()
+
+
+@contextlib.contextmanager
+def launches_on_meta(conv: str = "triton"):
+    """Inside the block, backend "triton" and conv backend `conv` ("triton" or "cudnn") are
+    selected and Triton accepts meta tensors: the static kernel report
+    (fastres.kernels.report) runs models on the meta device while recording kernel launches
+    (nothing is launched)."""
+    if conv not in ("triton", "cudnn"):
+        raise ValueError(f"conv must be 'triton' or 'cudnn', got {conv!r}")
+    saved = _current[0], _conv_current[0], _meta_launches[0]
+    _current[0], _conv_current[0], _meta_launches[0] = "triton", conv, True
+    try:
+        yield
+    finally:
+        _current[0], _conv_current[0], _meta_launches[0] = saved
+
+
 def _check_triton_device(device: torch.device, what: str) -> None:
+    if device.type == "meta" and _meta_launches[0]:
+        return
     if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
         raise RuntimeError(f"fastres: {what} 'triton' runs on CUDA tensors (or on CPU under "
                            f"TRITON_INTERPRET=1), got tensors on {device}")

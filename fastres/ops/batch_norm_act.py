@@ -42,12 +42,20 @@ def _stat_dtype(input: Tensor) -> torch.dtype:
 # Triton operators (the kernels are imported lazily: triton is optional and TRITON_INTERPRET
 # must be set before it is first imported). On a GPU they are triton_ops, whose kernels
 # torch.compile sees; under TRITON_INTERPRET=1 (CPU tensors) they are opaque custom ops,
-# because PyTorch cannot trace interpreted kernels.
+# because PyTorch cannot trace interpreted kernels. TRITON_BODIES keeps each operator's Python
+# body by name: the static kernel report (fastres.kernels.report) runs the bodies on meta
+# tensors to record which kernels a model launches.
 # ---------------------------------------------------------------------------------------------
+TRITON_BODIES: dict = {}
+
+
 def _triton_operator(name):
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return torch.library.custom_op(name, mutates_args=())
-    return torch.library.triton_op(name, mutates_args=())
+    def register(fn):
+        TRITON_BODIES[name] = fn
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return torch.library.custom_op(name, mutates_args=())(fn)
+        return torch.library.triton_op(name, mutates_args=())(fn)
+    return register
 
 
 @_triton_operator("fastres::bn_act_forward_triton")

@@ -30,6 +30,7 @@ which recomputes act(x) while loading x.
 Inputs: x, weight, residual channels-last 4-D tensors of one dtype (float32, float16 or
 bfloat16); BatchNorm vectors float32 or x's dtype. :func:`conv_bn` converts and checks.
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -42,7 +43,8 @@ __all__ = ["compute_dtype", "conv_bn", "prologue_scale_shift"]
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a convolution of `x` runs in: autocast's when it is enabled, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -239,7 +241,10 @@ def conv_bn(x: Tensor, weight: Tensor, stride=1, padding=0, *, bias: Optional[Te
                                                            in_bias)):
             raise RuntimeError("fastres conv: the bias/residual/ReLU epilogue is inference-only; "
                                "run it under torch.no_grad()")
-    with torch.autocast(x.device.type, enabled=False):
+    kind = x.device.type
+    no_autocast = torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) \
+        else contextlib.nullcontext()  # meta tensors (the static kernel report) have no autocast
+    with no_autocast:
         return torch.ops.fastres.conv_bn_forward_triton(
             x, weight, bias, residual, in_weight, in_bias, in_mean, in_var, stride, padding,
             float(in_eps), bool(in_relu), bool(in_training), bool(relu), bool(stats))

@@ -27,8 +27,9 @@ TORCH_LIBRARY(fastres, m) {
       "-> (Tensor, Tensor, Tensor)");
   // Returns (grad_input, grad_residual, grad_weight, grad_bias). grad_residual is
   // relu'(out) * grad_output when has_residual, else an empty tensor; grad_weight and
-  // grad_bias are in the statistics dtype and always computed. The ReLU mask is read from
-  // `output` (out > 0) when given, otherwise recomputed from input, mean, var, weight, bias.
+  // grad_bias are in the statistics dtype and always computed. The ReLU mask is that of
+  // threshold_backward (0 where out <= 0, the gradient elsewhere, NaN included), out read from
+  // `output` when given, otherwise recomputed from input, mean, var, weight, bias.
   m.def(
       "bn_act_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, "
       "Tensor? bias, Tensor mean, Tensor var, bool training, float eps, bool relu, "

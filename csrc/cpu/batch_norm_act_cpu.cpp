@@ -171,7 +171,7 @@ ForwardResult bn_act_forward_cpu(const at::Tensor& input, const OptTensor& resid
     for_each_element(L, [&](int64_t c, int64_t i) {
       opmath_t v = static_cast<opmath_t>(x[i]) * ss.scale[c] + ss.shift[c];
       if (r) v += static_cast<opmath_t>(r[i]);
-      if (relu) v = v > opmath_t(0) ? v : opmath_t(0);
+      if (relu) v = v < opmath_t(0) ? opmath_t(0) : v;  // torch.relu: NaN stays NaN
       y[i] = static_cast<scalar_t>(v);
     });
   });
@@ -203,14 +203,17 @@ BackwardResult bn_act_backward_cpu(const at::Tensor& grad_output, const at::Tens
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
     const scalar_t* y = has_out ? output->const_data_ptr<scalar_t>() : nullptr;
     const auto ss = scale_shift<opmath_t>(mean, var, w, b, eps);
-    // g = dy * relu'(pre-activation); the mask comes from the saved output when there is
-    // one, else it is recomputed from x exactly as the forward computed it.
+    // g = dy * relu'(out), as threshold_backward(dy, out, 0): 0 where out <= 0, dy elsewhere
+    // (also where out is NaN). out is the saved output when there is one, else it is
+    // recomputed from x exactly as the forward computed and stored it (rounded to scalar_t).
     auto masked_grad = [&](int64_t c, int64_t i) -> opmath_t {
       const opmath_t g = static_cast<opmath_t>(dy[i]);
       if (!relu) return g;
-      const bool on = y ? static_cast<opmath_t>(y[i]) > opmath_t(0)
-                        : static_cast<opmath_t>(x[i]) * ss.scale[c] + ss.shift[c] > opmath_t(0);
-      return on ? g : opmath_t(0);
+      const opmath_t out =
+          y ? static_cast<opmath_t>(y[i])
+            : static_cast<opmath_t>(static_cast<scalar_t>(
+                  static_cast<opmath_t>(x[i]) * ss.scale[c] + ss.shift[c]));
+      return out <= opmath_t(0) ? opmath_t(0) : g;
     };
     sums = channel_sums<2>(L, [&](int64_t c, int64_t i, double* a) {
       const double g = static_cast<double>(masked_grad(c, i));
@@ -231,6 +234,10 @@ BackwardResult bn_act_backward_cpu(const at::Tensor& grad_output, const at::Tens
     for_each_element(L, [&](int64_t c, int64_t i) {
       const opmath_t g = masked_grad(c, i);
       if (dr) dr[i] = static_cast<scalar_t>(g);
+      if (!training) {  // x is not read: an inf or NaN input does not reach grad_input
+        dx[i] = static_cast<scalar_t>(g * k1[c]);
+        return;
+      }
       const opmath_t xmu = static_cast<opmath_t>(x[i]) - mu[c];
       dx[i] = static_cast<scalar_t>((g - mean_g[c] - xmu * k2[c]) * k1[c]);
     });

@@ -73,8 +73,8 @@ constexpr int kVecBytes = 16;   // widest vector access
 constexpr int kMaxGridY = 65535;
 
 constexpr int kMaskNone = 0;       // no ReLU
-constexpr int kMaskOutput = 1;     // mask = output > 0
-constexpr int kMaskRecompute = 2;  // mask = x * scale + shift > 0
+constexpr int kMaskOutput = 1;     // mask = !(output <= 0)
+constexpr int kMaskRecompute = 2;  // mask = !(x * scale + shift <= 0), recomputed
 
 // Items (rows in NHWC, vectors in NCHW) a thread loads before using them: enough bytes in
 // flight per thread while keeping the register count moderate.
@@ -139,12 +139,17 @@ __device__ __forceinline__ acc_t relu_nan(acc_t v) {
   return v < acc_t(0) ? acc_t(0) : v;  // propagates NaN like torch.relu
 }
 
-// ReLU-masked gradient; o = forward output (kMaskOutput), x/scale/shift for the recompute.
-template <typename acc_t>
+// ReLU-masked gradient as threshold_backward(g, out, 0): 0 where out <= 0, g elsewhere (also
+// where out is NaN). o = forward output (kMaskOutput); for the recompute (kMaskRecompute) out
+// is x * scale + shift rounded to T, exactly what the forward stored.
+template <typename T, typename acc_t>
 __device__ __forceinline__ acc_t masked_grad(acc_t g, int mode, acc_t o, acc_t x, acc_t scale,
                                              acc_t shift) {
-  if (mode == kMaskOutput) return o > acc_t(0) ? g : acc_t(0);
-  if (mode == kMaskRecompute) return bn_affine(x, scale, shift) > acc_t(0) ? g : acc_t(0);
+  if (mode == kMaskOutput) return o <= acc_t(0) ? acc_t(0) : g;
+  if (mode == kMaskRecompute) {
+    const acc_t out = static_cast<acc_t>(static_cast<T>(bn_affine(x, scale, shift)));
+    return out <= acc_t(0) ? acc_t(0) : g;
+  }
   return g;
 }
 
@@ -626,7 +631,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < V; ++i) {
             const acc_t o = mask_mode == kMaskOutput ? ov[u][i] : acc_t(0);
-            const acc_t g = masked_grad(gv[u][i], mask_mode, o, xv[u][i], sc[i], sh[i]);
+            const acc_t g = masked_grad<T>(gv[u][i], mask_mode, o, xv[u][i], sc[i], sh[i]);
             sg[i] += g;
             sgx[i] = fma_acc(g, xv[u][i] - mu[i], sgx[i]);
           }
@@ -688,7 +693,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const acc_t o = mask_mode == kMaskOutput ? ov[u][i] : acc_t(0);
-          const acc_t g = masked_grad(gv[u][i], mask_mode, o, xv[u][i], sc, sh);
+          const acc_t g = masked_grad<T>(gv[u][i], mask_mode, o, xv[u][i], sc, sh);
           sg[0] += g;
           sgx[0] = fma_acc(g, xv[u][i] - mu, sgx[0]);
         }
@@ -790,7 +795,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int i = 0; i < V; ++i) {
           const acc_t xi = need_x ? xv[u][i] : acc_t(0);
           const acc_t oi = mask_mode == kMaskOutput ? ov[u][i] : acc_t(0);
-          g[i] = masked_grad(gv[u][i], mask_mode, oi, xi, sc[i], sh[i]);
+          g[i] = masked_grad<T>(gv[u][i], mask_mode, oi, xi, sc[i], sh[i]);
           o[i] = training ? a[i] * (g[i] - b[i] - (xi - mu[i]) * d[i]) : a[i] * g[i];
         }
         store_vec<V>(gi + off, o);
@@ -851,7 +856,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int i = 0; i < V; ++i) {
           const acc_t xi = need_x ? xv[u][i] : acc_t(0);
           const acc_t oi = mask_mode == kMaskOutput ? ov[u][i] : acc_t(0);
-          g[i] = masked_grad(gv[u][i], mask_mode, oi, xi, sc, sh);
+          g[i] = masked_grad<T>(gv[u][i], mask_mode, oi, xi, sc, sh);
           o[i] = training ? a * (g[i] - b - (xi - mu) * d) : a * g[i];
         }
         store_vec<V>(gi + jj * V, o);

@@ -75,22 +75,45 @@ def _channel_params(w_ptr, b_ptr, mean_ptr, var_ptr, ch, cmask, eps,
 
 
 @triton.jit
+def _merge_mean(mean_acc, n_acc, mean_t, n_t, frac):
+    """Chan's merge of the means of two parts (counts n_acc and n_t, frac = n_t / (n_acc + n_t)),
+    with the infinities of a plain sum: a part whose mean is +-inf or NaN gives the merged
+    mean mean_acc + mean_t, not (inf - inf) * frac = NaN (PyTorch's mean of [inf, 1] is inf)."""
+    finite = (tl.abs(mean_acc) < float("inf")) & (tl.abs(mean_t) < float("inf"))
+    special = tl.where(n_t == 0, mean_acc, tl.where(n_acc == 0, mean_t, mean_acc + mean_t))
+    return tl.where(finite, mean_acc + (mean_t - mean_acc) * frac, special)
+
+
+@triton.jit
 def _affine(x, scale, shift):
     """The pre-activation; forward and the backward mask recompute share it bit for bit."""
     return x * scale + shift
 
 
 @triton.jit
+def _relu(y):
+    """torch.relu: 0 where y < 0, y elsewhere, so NaN stays NaN (tl.maximum would drop it)."""
+    return tl.where(y < 0.0, 0.0, y)
+
+
+@triton.jit
+def _relu_grad(g, y):
+    """threshold_backward(g, y, 0): 0 where the ReLU output y <= 0, g elsewhere (NaN included)."""
+    return tl.where(y <= 0.0, 0.0, g)
+
+
+@triton.jit
 def _masked_grad(go_ptr, out_ptr, offs, mask, x, scale, shift,
                  HAS_OUT: tl.constexpr, RELU: tl.constexpr):
-    """g = grad_output * relu'(out) in fp32; the mask comes from `out` or is recomputed."""
+    """g = grad_output * relu'(out) in fp32; out is loaded, or recomputed and rounded to the
+    output dtype (that of grad_output) exactly as the forward stored it."""
     g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         if HAS_OUT:
             y = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            y = _affine(x, scale, shift)
-        g = tl.where(y > 0.0, g, 0.0)
+            y = _affine(x, scale, shift).to(go_ptr.dtype.element_ty).to(tl.float32)
+        g = _relu_grad(g, y)
     return g
 
 
@@ -123,8 +146,8 @@ def _stats_nhwc_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr, M, C, n_cblocks, ITERS,
         n_new = n_acc + n_t
         delta = mean_t - mean_acc
         frac = n_t / tl.maximum(n_new, 1.0)
-        mean_acc = mean_acc + delta * frac
         m2_acc = m2_acc + m2_t + delta * delta * n_acc * frac
+        mean_acc = _merge_mean(mean_acc, n_acc, mean_t, n_t, frac)
         n_acc = n_new
     offs = split * C + cols
     tl.store(cnt_ptr + offs, n_acc, mask=cmask)
@@ -164,8 +187,8 @@ def _stats_nchw_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, n_nblocks, n_s
         n_new = n_acc + n_t
         delta = mean_t - mean_acc
         frac = n_t / tl.maximum(n_new, 1.0)
-        mean_acc = mean_acc + delta * frac
         m2_acc = m2_acc + m2_t + delta * delta * n_acc * frac
+        mean_acc = _merge_mean(mean_acc, n_acc, mean_t, n_t, frac)
         n_acc = n_new
     offs = part * C + c
     tl.store(cnt_ptr + offs, n_acc)
@@ -223,7 +246,7 @@ def _fwd_nhwc_kernel(x_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, out_ptr, M
     if HAS_RES:
         y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = _relu(y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -244,7 +267,7 @@ def _fwd_nchw_kernel(x_ptr, res_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, out_ptr, N
     if HAS_RES:
         y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = _relu(y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 from .launch import launch
 
-from .batch_norm_act import _affine, merge_partial_stats
+from .batch_norm_act import _affine, _relu, _relu_grad, merge_partial_stats
 
 __all__ = ["conv_forward", "conv_dgrad", "conv_wgrad", "ConvGeometry"]
 
@@ -103,7 +103,7 @@ def _prologue(a, ch, ch_ok, amask, scale_ptr, shift_ptr, RELU: tl.constexpr):
     shift = tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)
     act = _affine(a.to(tl.float32), scale[None, :], shift[None, :])
     if RELU:
-        act = tl.maximum(act, 0.0)
+        act = _relu(act)
     return tl.where(amask, act, 0.0).to(a.dtype)
 
 
@@ -159,7 +159,7 @@ def _conv_fwd_kernel(
     if HAS_RES:
         acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = _relu(acc)
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, out, mask=mask)
     if STATS:
@@ -239,8 +239,9 @@ def _conv_dgrad_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-        if PRO_RELU:
-            acc = tl.where(_affine(x, scale[None, :], shift[None, :]) > 0.0, acc, 0.0)
+        if PRO_RELU:  # the mask of relu(act), act rounded to x's dtype as the prologue did
+            act = _affine(x, scale[None, :], shift[None, :]).to(x_ptr.dtype.element_ty)
+            acc = _relu_grad(acc, act.to(tl.float32))
         g = acc.to(gi_ptr.dtype.element_ty)
         tl.store(gi_ptr + offs, g, mask=mask)
         gf = tl.where(mask, g.to(tl.float32), 0.0)
@@ -334,6 +335,10 @@ def _channels_last(t: Tensor) -> bool:
 def _check_nhwc(t: Tensor, name: str) -> None:
     if t.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"fastres conv: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dtype == torch.bfloat16 and _interpret():
+        raise TypeError("fastres conv: bfloat16 does not run under TRITON_INTERPRET=1: Triton's "
+                        "interpreter computes tl.dot of bfloat16 tiles wrongly (numpy has no "
+                        "bfloat16); use float32 or float16 on CPU, bfloat16 on a GPU")
     if not _channels_last(t):
         raise ValueError(f"fastres conv: {name} must be a channels-last 4-D tensor "
                          f"(x.contiguous(memory_format=torch.channels_last)), got shape "

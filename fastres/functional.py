@@ -75,8 +75,12 @@ def _check(input, residual, running_mean, running_var, weight, bias, training, m
 
 
 def _reference(input, residual, running_mean, running_var, weight, bias, training, momentum,
-               eps):
-    """Unfused PyTorch, used only for empty inputs (nothing to fuse)."""
+               eps, num_batches_tracked):
+    """Unfused PyTorch, used only for empty inputs (nothing to fuse). The counter is
+    incremented as nn.BatchNorm does, also for an empty batch."""
+    if training and running_mean is not None and num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
     y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
                                        0.0 if momentum is None else momentum, eps)
     if residual is not None:
@@ -93,7 +97,7 @@ def batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], running_var: 
            num_batches_tracked, "batch_norm_relu")
     if input.numel() == 0:
         return _reference(input, None, running_mean, running_var, weight, bias, training,
-                          momentum, eps)
+                          momentum, eps, num_batches_tracked)
     return batch_norm_act(input, None, running_mean, running_var, weight, bias, training,
                           momentum, eps, True, num_batches_tracked)
 
@@ -110,6 +114,6 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean: Optional[
            num_batches_tracked, "batch_norm_add_relu")
     if input.numel() == 0:
         return _reference(input, residual, running_mean, running_var, weight, bias, training,
-                          momentum, eps)
+                          momentum, eps, num_batches_tracked)
     return batch_norm_act(input, residual, running_mean, running_var, weight, bias, training,
                           momentum, eps, True, num_batches_tracked)

@@ -5,10 +5,14 @@ Training (or whenever gradients are needed) runs the convolution, then the fused
 In eval mode, with no gradient needed, the BatchNorm is folded into the convolution's weight
 and bias, ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``,
 and the add and ReLU run in the convolution's epilogue: with the conv backend "triton" in
-fastres' Triton convolution (bias + residual + ReLU epilogue), else on CUDA through cuDNN's
-fused ``torch.cudnn_convolution_relu`` / ``torch.cudnn_convolution_add_relu``, elsewhere as
-``conv2d`` + add + ReLU. In training with the conv backend "triton", the convolution emits the
-BatchNorm statistics from its epilogue (fastres.nn.conv_bn_chain). The folded weights are cached on the BatchNorm module and recomputed
+fastres' Triton convolution (bias + residual + ReLU epilogue), elsewhere as ``conv2d`` + add +
+ReLU. On CUDA with the cuDNN convolution, a conv-BN(-add)-ReLU is not folded: cuDNN's fused
+``torch.cudnn_convolution_relu`` / ``_add_relu`` turn NaN into 0 (PyTorch builds their
+activation with CUDNN_NOT_PROPAGATE_NAN), so the convolution runs alone and the fused
+BatchNorm (+ add) + ReLU kernel normalises its output with the running statistics (one pass
+over the output, NaN kept as ``torch.relu`` keeps it). In training with the conv backend
+"triton", the convolution emits the BatchNorm statistics from its epilogue
+(fastres.nn.conv_bn_chain). The folded weights are cached on the BatchNorm module and recomputed
 whenever the convolution's or BatchNorm's parameters or buffers change (in-place updates,
 ``load_state_dict``, ``.to()``), so a model never runs on stale folded weights; under
 torch.compile they are recomputed inside the graph.
@@ -20,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..functional import batch_norm_add_relu, batch_norm_relu
 from ..ops.conv_bn import compute_dtype, conv_bn
-from .batch_norm import BatchNormAct2d
+from .batch_norm import BatchNormAct2d, bn_arguments
 from .conv_bn_chain import conv_bn_pending, materialize, triton_conv_for
 
 __all__ = ["ConvBNReLU", "conv_bn_act", "fold_conv_bn"]
@@ -97,17 +102,17 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
         out, _, _ = conv_bn(x, weight, conv.stride, conv.padding, bias=bias, residual=residual,
                             relu=relu)
         return out
+    if x.is_cuda and relu:
+        # not torch.cudnn_convolution_relu / _add_relu: they turn NaN into 0 (module docstring)
+        y = conv(x)
+        args = bn_arguments(bn)
+        if residual is None:
+            return batch_norm_relu(y, **args)
+        return batch_norm_add_relu(y, residual.to(y.dtype), **args)
     channels_last = x.dim() == 4 and not x.is_contiguous() and \
         x.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     weight, bias = _folded(conv, bn, dtype, fmt)
-    if x.is_cuda and relu and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
-        if residual is None:
-            return torch.cudnn_convolution_relu(x, weight, bias, conv.stride, conv.padding,
-                                                conv.dilation, conv.groups)
-        return torch.cudnn_convolution_add_relu(x, weight, residual.contiguous(memory_format=fmt),
-                                                1.0, bias, conv.stride, conv.padding,
-                                                conv.dilation, conv.groups)
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if residual is not None:
         y = y + residual

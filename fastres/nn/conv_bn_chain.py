@@ -71,8 +71,8 @@ def triton_conv_for(conv: nn.Conv2d, bn: nn.Module, x: Tensor, training: bool) -
     if backends.get_conv_backend() == "cudnn" or not _supported(conv, bn):
         return False
     dtype = compute_dtype(x)
-    if dtype not in _DTYPES:
-        return False
+    if dtype not in _DTYPES or (dtype == torch.bfloat16 and x.device.type == "cpu"):
+        return False  # bfloat16 on CPU: Triton's interpreter cannot multiply it (kernels/conv.py)
     key = _layer_key(conv, x, dtype, training)
     return backends.resolve_conv(
         x.device, key, lambda: _measure(conv, x.shape, dtype, training)) == "triton"
@@ -145,7 +145,8 @@ def _measure(conv: nn.Conv2d, shape, dtype: torch.dtype, training: bool) -> str:
     prologue and the statistics epilogue, against the fused BatchNorm+ReLU of the input then
     cuDNN's convolution (whose statistics are paid later by the next BatchNorm, so the
     comparison favours cuDNN). Inference: the folded convolution with bias + ReLU epilogue on
-    each."""
+    Triton, against cuDNN's convolution + the fused eval-mode BatchNorm + ReLU (what
+    fastres.nn.conv_bn runs on CUDA: cuDNN's own fused ReLU drops NaN)."""
     from ..functional import batch_norm_relu
 
     device = conv.weight.device
@@ -171,10 +172,13 @@ def _measure(conv: nn.Conv2d, shape, dtype: torch.dtype, training: bool) -> str:
                           in_var=var, stats=True)
         return y
 
+    out_mean = torch.zeros(conv.out_channels, device=device)
+    out_var = torch.ones(conv.out_channels, device=device)
+
     def run_cudnn():
         if not training:
-            return torch.cudnn_convolution_relu(x, w, bias, conv.stride, conv.padding,
-                                                conv.dilation, 1)
+            y = F.conv2d(x, w, None, stride, padding)
+            return batch_norm_relu(y, out_mean, out_var, None, bias.float(), training=False)
         a = batch_norm_relu(x, None, None, gamma, beta, training=True)
         return F.conv2d(a, w, None, stride, padding)
 

@@ -1,35 +1,127 @@
 #!/usr/bin/env bash
-# GPU check for a machine without internet: build fastres against the installed torch, run
-# the tests (GPU tests included), the op and model benchmarks, the Triton convolution checks
-# and benchmarks, the pytest-benchmark suite and a synthetic trainer throughput run. Results go
-# under ${OUT:-gpu_results}/.
+# GPU checks for a machine without internet (the project's H200: one command may run at most
+# 10 minutes, and a session has about 15 minutes of device time in all). Results go under
+# ${OUT:-gpu_results}/ (at most 8 files per call), to be committed under docs/gpu/.
 #
-#   bash scripts/gpu_check.sh                 # every stage, in order
-#   bash scripts/gpu_check.sh build gputests  # some stages (e.g. one per call when a remote
-#                                             # command may only run for a few minutes)
-# Stages: build, gputests (tests/test_gpu*.py), tests (the whole suite), ops (op benchmark),
-# models (python -m fastres.bench), conv (Triton convolutions: tests/test_gpu_conv.py,
-# benchmarks/test_bench_conv.py, ResNet-50 with conv backend triton and cudnn), suite
-# (pytest benchmarks/ but test_bench_conv.py), train (synthetic run), demo.
-# Every stage after build assumes fastres is built (the build is kept between calls).
+#   bash scripts/gpu_check.sh first    # first contact, one call of at most 9 minutes
+#   bash scripts/gpu_check.sh second   # the rest, right after (same warm machine), <= 9 minutes
+#   bash scripts/gpu_check.sh build gputests ...   # single stages, see below
+#
+# first:  build for sm_90 with all cores; nvidia-smi; warm Triton's cache in parallel with the
+#         convolutions the headline runs; the GPU tests of the fused BatchNorm ops on every
+#         backend (tests/test_gpu.py) and of the Triton convolutions (tests/test_gpu_conv.py,
+#         FASTRES_CONV_AUTOTUNE=0), each file under a time limit; the headline measurement
+#         (python -m fastres.bench.first_contact: ResNet-50 batch 256 bf16 channels_last,
+#         torchvision eager / fastres cuDNN convs / fastres Triton convs / torchvision
+#         torch.compile, training and inference images/s, peak memory; the fused BN+add+ReLU's
+#         bandwidth against a measured device copy); then first.json + first.md
+#         (python -m fastres.bench.gpu_status summarize). Files: first.json, first.md,
+#         stages.txt, build.log, tests.log, headline.log.
+# second: builds only if needed; ResNet-18/152 headline (second.json); Triton's cache warmed for
+#         the autotuned ResNet-50 convolutions, then the per-layer convolution benchmark
+#         (benchmarks/test_bench_conv.py, autotuned) and the pytest-benchmark suite.
+#         Files: second.json, second.md, stages.txt, bench_conv.json, benchmarks.json,
+#         bench.txt (+ build.log when it built).
+# Every step runs even when an earlier one failed (but a failed build ends the call); each
+# is timed (stages.txt) and bounded by what is left of the call's FASTRES_GPU_CHECK_SECONDS
+# (default 540).
+#
+# Single stages (each assumes the build is there): build, gputests (tests/test_gpu*.py), tests
+# (the whole suite), ops (op benchmark), models (python -m fastres.bench), conv (Triton
+# convolutions: GPU tests, per-layer benchmark, ResNet-50 with each conv backend), suite
+# (pytest benchmarks/ but test_bench_conv.py), train (synthetic run), demo, report (static
+# kernel report of the installed triton).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+NPROC=$(nproc 2>/dev/null || echo 8)
+export MAX_JOBS=${MAX_JOBS:-$NPROC} PYTHONUNBUFFERED=1
+DEADLINE=$((SECONDS + ${FASTRES_GPU_CHECK_SECONDS:-540}))
 STAGES=("$@")
-ALL_STAGES=(build gputests tests ops models conv suite train demo)
+ALL_STAGES=(build gputests tests ops models conv suite train demo report)
 [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL_STAGES[@]}")
 rc=0
 
-stage_build() {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-  $PY -m pip install -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1 \
-    || { tail -60 "$OUT/build.log"; return 1; }
-  $PY -c "import fastres, torch; print(fastres.build_info(), fastres.available_backends(), torch.__version__)" \
-    | tee -a "$OUT/gpu.txt"
+left() { echo $((DEADLINE - SECONDS)); }
+
+# bounded CMD...: run CMD with the time left minus a reserve ($RESERVE, default 30 s) as limit
+bounded() {
+  local limit=$(( $(left) - ${RESERVE:-30} ))
+  if [ "$limit" -lt 10 ]; then echo "skipped (no time left): $*"; return 124; fi
+  timeout --kill-after=10 "$limit" "$@"
 }
+
+build_fastres() {  # sm_90 only on a GPU machine (setup.py builds for the visible GPU)
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+    | sed 's/^/# nvidia-smi: /' | tee -a "$OUT/stages.txt"
+  $PY -c "import torch, triton; print('# torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$OUT/stages.txt"
+  RESERVE=60 bounded $PY -m pip install -e . --no-build-isolation --no-deps -v \
+    > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; return 1; }
+  grep -E "^fastres: building|ninja: build stopped|error" "$OUT/build.log" | head -5
+  $PY -c "import fastres; print('# fastres', fastres.build_info(), fastres.available_backends())" \
+    | tee -a "$OUT/stages.txt"
+}
+
+built() {
+  $PY -c "import fastres, sys; sys.exit(0 if fastres.build_info()['cuda'] else 1)" 2>/dev/null
+}
+
+# run_pytest FILE [ARGS...]: one test file under the time left, appended to tests.log
+run_pytest() {
+  local file=$1; shift
+  local start=$SECONDS status
+  echo "== pytest $file" >> "$OUT/tests.log"
+  bounded $PY -m pytest "$file" -q -rfE -p no:cacheprovider "$@" >> "$OUT/tests.log" 2>&1
+  status=$?
+  echo "== pytest $file: exit $status, $((SECONDS - start)) s" >> "$OUT/tests.log"
+  tail -3 "$OUT/tests.log"
+  return "$status"
+}
+
+warm_triton_cache() {  # compile (16 processes) what the Triton convolutions will launch
+  bounded $PY -m fastres.kernels.report --warm-cache --arch sm90 --jobs "$NPROC" \
+    --kernels conv "$@" 2>&1 | tail -5
+}
+
+# ---------------------------------------------------------------------------------------------
+stage_first() {
+  local status=0
+  step build build_fastres || return 1
+  FASTRES_CONV_AUTOTUNE=0 step warm warm_triton_cache --models resnet50 --dtypes bf16 \
+    || status=1
+  step test_bn run_pytest tests/test_gpu.py || status=1
+  FASTRES_CONV_AUTOTUNE=0 step test_conv run_pytest tests/test_gpu_conv.py || status=1
+  FASTRES_CONV_AUTOTUNE=0 RESERVE=25 step headline bounded $PY -m fastres.bench.first_contact \
+    --out "$OUT" --budget $(( $(left) - 60 )) > "$OUT/headline.log" 2>&1 || status=1
+  tail -25 "$OUT/headline.log"
+  $PY -m fastres.bench.gpu_status summarize "$OUT" > /dev/null || status=1
+  return "$status"
+}
+
+stage_second() {
+  local status=0
+  if ! built; then step build build_fastres || return 1; fi
+  step warm warm_triton_cache --models resnet18 --dtypes bf16 || status=1
+  RESERVE=300 step headline bounded $PY -m fastres.bench.first_contact --out "$OUT" \
+    --name second.json --models resnet18,resnet152 --no-ops --budget $(( $(left) - 330 )) \
+    > "$OUT/bench.txt" 2>&1 || status=1
+  step warm_conv warm_triton_cache --models resnet50 --dtypes bf16 || status=1
+  RESERVE=150 step bench_conv bounded $PY -m pytest benchmarks/test_bench_conv.py \
+    --benchmark-only -q -rs -p no:cacheprovider --benchmark-json="$OUT/bench_conv.json" \
+    >> "$OUT/bench.txt" 2>&1 || status=1
+  step suite bounded env FASTRES_BENCH_MODELS=resnet50 $PY -m pytest benchmarks/ \
+    --ignore=benchmarks/test_bench_conv.py --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$OUT/benchmarks.json" >> "$OUT/bench.txt" 2>&1 || status=1
+  tail -30 "$OUT/bench.txt"
+  $PY -m fastres.bench.gpu_status summarize "$OUT" --name second > /dev/null || status=1
+  return "$status"
+}
+
+# ---------------------------------------------------------------------------------------------
+stage_build() { build_fastres; }
 
 stage_gputests() {  # the GPU-only tests: ops on every backend, models against torchvision
   $PY -m pytest tests/test_gpu.py tests/test_gpu_models.py -q -rs -p no:cacheprovider 2>&1 \
@@ -94,15 +186,34 @@ stage_demo() {
     | tee "$OUT/demo.txt"
 }
 
-for s in "${STAGES[@]}"; do
-  if ! declare -F "stage_$s" > /dev/null; then
-    echo "unknown stage '$s' (${ALL_STAGES[*]})"; exit 2
-  fi
-  echo "== $s"
-  start=$SECONDS
-  "stage_$s"
+stage_report() {  # the static kernel report, with this machine's triton, all cores
+  $PY -m fastres.kernels.report --jobs "$NPROC" --dtypes bf16,fp16,fp32 \
+    --json "$OUT/kernel_report.json" --markdown "$OUT/kernel_report.md" --quiet
+}
+
+# step NAME CMD...: run CMD, log its exit status and seconds to stages.txt
+step() {
+  local name=$1; shift
+  local start=$SECONDS status
+  echo "== $name (${SECONDS} s elapsed, $(left) s left)"
+  "$@"
   status=$?
-  echo "== $s: exit $status, $((SECONDS - start)) s" | tee -a "$OUT/stages.txt"
+  echo "== $name: exit $status, $((SECONDS - start)) s" | tee -a "$OUT/stages.txt"
+  return "$status"
+}
+
+for s in "${STAGES[@]}"; do
+  if ! declare -F "stage_$s" > /dev/null && [ "$s" != first ] && [ "$s" != second ]; then
+    echo "unknown stage '$s' (first second ${ALL_STAGES[*]})"; exit 2
+  fi
+  if [ "$s" = first ] || [ "$s" = second ]; then
+    "stage_$s"
+    status=$?
+    echo "== $s: exit $status, $SECONDS s" | tee -a "$OUT/stages.txt"
+  else
+    step "$s" "stage_$s"
+    status=$?
+  fi
   if [ "$status" -ne 0 ]; then
     rc=$status
     [ "$s" = build ] && exit "$rc"

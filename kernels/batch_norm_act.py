@@ -693,7 +693,7 @@ def bn_backward_from_partials(g: Tensor, input: Tensor, weight: Optional[Tensor]
     grad_weight, grad_bias); grad_input is written over `g` (same offsets, read before write)."""
     lay = _Layout(input)
     C = lay.C
-    if not lay.nhwc:
+    if not lay.nhwc and C != 1:  # one channel: the contiguous memory is the rows [M, 1] too
         raise ValueError("fastres: bn_backward_from_partials needs a channels-last input")
     _check_like(g, input, "g")
     grad_weight, grad_bias = _finalize_partials(psg, psgx, var, eps)

@@ -190,6 +190,19 @@ def test_backward_all_gradients(shape, dtype):
         assert_close_rule(a, b, r, dtype, name, mask_flips=True)
 
 
+def test_backward_single_input_channel():
+    """One input channel: x is contiguous and channels-last at once; the prologue's backward
+    (BatchNorm from the dgrad partial sums) takes it as channels-last rows [M, 1]."""
+    shape = (2, 1, 5, 6, 4, 3, 1, 1)
+    x, w, gamma, beta = make_case(shape, torch.float32)
+    out_ref, g_ref, go = grads(lambda *t: unfused_train(*t, 1, 1),
+                               [t.double() for t in (x, w, gamma, beta)])
+    out, g, _ = grads(_fused(1, 1), [x, w, gamma, beta], go)
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-4, atol=1e-4)
+    for name, a, r in zip(("grad_x", "grad_weight", "grad_gamma", "grad_beta"), g, g_ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("relu", [True, False])
 def test_backward_eval_mode_prologue(relu):
     """in_training=False: running statistics are constants, grad_x = g * scale."""

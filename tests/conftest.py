@@ -18,3 +18,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many cases the differential fuzzer (tests/test_fuzz.py) ran, per op and backend."""
+    import sys
+
+    fuzzing = sys.modules.get("fuzzing")
+    if fuzzing is None or not fuzzing.SUMMARY:
+        return
+    terminalreporter.section("fastres fuzz")
+    terminalreporter.write_line(
+        f"seed {fuzzing.SEED}; budget {fuzzing.BN_CASES} BatchNorm cases "
+        f"(FASTRES_FUZZ_CASES), {fuzzing.CONV_CASES} convolution cases "
+        f"(FASTRES_FUZZ_CONV_CASES), each through every backend here")
+    for key, n in sorted(fuzzing.SUMMARY.items()):
+        terminalreporter.write_line(f"{key}: {n}")

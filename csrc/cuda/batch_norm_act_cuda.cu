@@ -69,6 +69,13 @@ BackwardResult bn_act_backward_cuda(const at::Tensor& grad_output, const at::Ten
 namespace {
 
 constexpr int kThreads = 256;   // threads per block of every kernel
+// ptxas (CUDA 13.0) keeps a loop bound of the statistics kernels (every type) and of the fp64
+// NCHW backward reduction on the stack at its default register target: 4 to 24 bytes of spill
+// stores/loads, inside the main loop (python -m fastres.kernels.report shows them). Declaring
+// at least one resident block per SM (the second __launch_bounds__ argument) removes them at
+// +2 to +9 registers for the statistics kernels; 0 leaves the other kernels as they were.
+template <typename acc_t>
+constexpr int kSpillFreeMinBlocks = sizeof(acc_t) == 8 ? 1 : 0;
 constexpr int kVecBytes = 16;   // widest vector access
 constexpr int kMaxGridY = 65535;
 
@@ -325,7 +332,7 @@ struct NchwStep {  // host-computed constants of PlaneCursor::advance
 // ty -> row lane. grid (ceil(C/V/TX), splits); split y owns rows
 // [y * rows_per_split, min(M, (y+1) * rows_per_split)). Writes part_{mean,m2}[y * C + c].
 template <typename T, typename acc_t, int V, int U>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)  // see kSpillFreeMinBlocks
     nhwc_stats_kernel(const T* __restrict__ x, int64_t M, int64_t C, int64_t rows_per_split,
                       acc_t* __restrict__ part_mean, acc_t* __restrict__ part_m2) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -381,7 +388,7 @@ __global__ void __launch_bounds__(kThreads)
 // q in [y * chunk, min(Q, (y+1) * chunk)) of channel c, where q = n * Sv + sv enumerates
 // the channel's N planes of Sv = S / V vectors. Writes part_{mean,m2}[y * C + c].
 template <typename T, typename acc_t, int V, int U>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)  // see kSpillFreeMinBlocks
     nchw_stats_kernel(const T* __restrict__ x, int64_t C, int64_t S, int64_t Q, int64_t chunk,
                       NchwStep step, acc_t* __restrict__ part_mean,
                       acc_t* __restrict__ part_m2) {
@@ -653,7 +660,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // NCHW partial sums; same grid/block/chunks as nchw_stats_kernel.
 template <typename T, typename acc_t, int V, int U>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kSpillFreeMinBlocks<acc_t>)
     nchw_bwd_reduce_kernel(const T* __restrict__ go, const T* __restrict__ x,
                            const T* __restrict__ out, const acc_t* __restrict__ mean,
                            const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,

@@ -44,7 +44,7 @@ __all__ = ["compute_dtype", "conv_bn", "prologue_scale_shift"]
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a convolution of `x` runs in: autocast's when it is enabled, else x's."""
     kind = x.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+    if kind != "meta" and torch.is_autocast_enabled(kind):  # meta: no autocast (kernel report)
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -242,7 +242,7 @@ def conv_bn(x: Tensor, weight: Tensor, stride=1, padding=0, *, bias: Optional[Te
             raise RuntimeError("fastres conv: the bias/residual/ReLU epilogue is inference-only; "
                                "run it under torch.no_grad()")
     kind = x.device.type
-    no_autocast = torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) \
+    no_autocast = torch.autocast(kind, enabled=False) if kind != "meta" \
         else contextlib.nullcontext()  # meta tensors (the static kernel report) have no autocast
     with no_autocast:
         return torch.ops.fastres.conv_bn_forward_triton(

@@ -106,3 +106,31 @@ def test_pytest_logs_are_counted_per_file():
         "failures": ["FAILED tests/test_gpu.py::test_resnet50_shapes[cuda] - AssertionError: rms"]}
     conv = got["tests/test_gpu_conv.py"]
     assert (conv["errors"], conv["passed"], conv["exit"], conv["seconds"]) == (2, 3, 124, 240)
+
+
+def test_first_contact_runs_end_to_end_on_cpu(tmp_path):
+    """fastres.bench.first_contact in its CPU smoke mode (tiny sizes): every measurement row is
+    written, with numbers, and the summary renders them; the GPU run uses the same code."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fastres.bench.first_contact", "--device", "cpu", "--dtype",
+         "fp32", "--models", "resnet20", "--variants", "eager,cudnn", "--batch-size", "2",
+         "--image-size", "16", "--iters", "1", "--warmup", "0", "--op-shape", "8x4",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    doc = json.loads((tmp_path / "first.json").read_text())
+    assert [(r["mode"], r["variant"]) for r in doc["models"]] == [
+        ("train", "torchvision eager"), ("train", "fastres (cudnn conv)"),
+        ("infer", "torchvision eager"), ("infer", "fastres (cudnn conv)")]
+    assert all(r["images_per_s"] > 0 and r["first_step_s"] > 0 for r in doc["models"])
+    assert [(r["backward"], r["impl"]) for r in doc["ops"]] == [
+        (True, "eager"), (True, "fastres:cpu"), (False, "eager"), (False, "fastres:cpu")]
+    assert all(r["bytes_per_s"] > 0 and 0 < r["copy_fraction"] for r in doc["ops"])
+    assert doc["copy_bandwidth"] > 0 and doc["seconds"] > 0
+    assert "| resnet20 | infer | fastres (cudnn conv) |" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "fastres.bench.first_contact", "--device", "cpu",
+                           "--variants", "eager,bogus", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--variants takes" in done.stderr

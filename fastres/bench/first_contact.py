@@ -31,13 +31,13 @@ import torch
 
 __all__ = ["main", "MODEL_VARIANTS"]
 
-# (label, make_model variant, conv backend or None)
-MODEL_VARIANTS = [
-    ("torchvision eager", "torchvision", None),
-    ("fastres (cudnn conv)", "fastres", "cudnn"),
-    ("fastres (triton conv)", "fastres", "triton"),
-    ("torchvision compile", "torchvision compile", None),
-]
+# key: (label, make_model variant, conv backend or None)
+MODEL_VARIANTS = {
+    "eager": ("torchvision eager", "torchvision", None),
+    "cudnn": ("fastres (cudnn conv)", "fastres", "cudnn"),
+    "triton": ("fastres (triton conv)", "fastres", "triton"),
+    "compile": ("torchvision compile", "torchvision compile", None),
+}
 OP_IMPLS = ["eager", "fastres:cuda", "fastres:triton"]
 
 
@@ -58,18 +58,21 @@ def _error(e: BaseException) -> str:
 
 def _release():
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class Run:
     """The JSON document, written after every change."""
 
-    def __init__(self, path: str, budget: float, compile_reserve: float, settings: dict):
+    def __init__(self, path: str, device: str, budget: float, compile_reserve: float,
+                 settings: dict):
         from .report import environment
 
-        self.path, self.budget, self.compile_reserve = path, budget, compile_reserve
+        self.path, self.device = path, torch.device(device)
+        self.budget, self.compile_reserve = budget, compile_reserve
         self.start = time.time()
-        self.doc = {"kind": "first-contact", "environment": environment("cuda"),
+        self.doc = {"kind": "first-contact", "environment": environment(self.device),
                     "nvidia_smi": _nvidia_smi(), "settings": settings, "copy_bandwidth": None,
                     "ops": [], "models": []}
         self.save()
@@ -88,16 +91,19 @@ class Run:
 
 
 def measure_models(run: Run, models: List[str], modes: List[str], batch: int, size: int,
-                   dtype: torch.dtype, warmup: int, iters: int) -> None:
+                   dtype: torch.dtype, warmup: int, iters: int,
+                   variants: Optional[List[str]] = None) -> None:
     import fastres
 
-    from .timing import measure
+    from .timing import measure, synchronize
     from .workloads import make_model, make_model_step
 
+    device = run.device
     torch.backends.cudnn.benchmark = True
     for name in models:
         for mode in modes:
-            for label, variant, conv in MODEL_VARIANTS:
+            for key in (variants or list(MODEL_VARIANTS)):
+                label, variant, conv = MODEL_VARIANTS[key]
                 row = {"model": name, "mode": mode, "variant": label}
                 reserve = run.compile_reserve if "compile" in variant else 0
                 if run.left() < reserve or run.left() <= 0:
@@ -110,15 +116,15 @@ def measure_models(run: Run, models: List[str], modes: List[str], batch: int, si
                 try:
                     ctx = fastres.conv_backend(conv) if conv else contextlib.nullcontext()
                     with ctx:
-                        model = make_model(name, variant, "cuda", True)
+                        model = make_model(name, variant, device, True)
                         step, model = make_model_step(model, mode, batch, size, dtype, True,
-                                                      "cuda")
-                        torch.cuda.synchronize()
+                                                      device)
+                        synchronize(device)
                         t0 = time.time()
                         step()  # compilation / autotuning / cudnn.benchmark search
-                        torch.cuda.synchronize()
+                        synchronize(device)
                         row["first_step_s"] = time.time() - t0
-                        m = measure(step, "cuda", warmup=warmup, iters=iters)
+                        m = measure(step, device, warmup=warmup, iters=iters)
                     row.update(images_per_s=m.per_second(batch), **m.as_dict())
                 except Exception as e:  # noqa: BLE001 - out of memory, compile, Triton errors
                     row["error"] = _error(e)
@@ -128,26 +134,29 @@ def measure_models(run: Run, models: List[str], modes: List[str], batch: int, si
                 run.save()
 
 
-def measure_ops(run: Run, batch: int, dtype: torch.dtype, warmup: int, iters: int) -> None:
+def measure_ops(run: Run, batch: int, dtype: torch.dtype, warmup: int, iters: int,
+                channels: int = 256, hw: int = 56) -> None:
     import fastres
 
     from .timing import copy_bandwidth, measure
     from .workloads import OpCase, make_op_step, op_bytes
 
-    copy = copy_bandwidth("cuda")
+    device = run.device
+    copy = copy_bandwidth(device)
     run.doc["copy_bandwidth"] = copy
     run.save()
-    case = OpCase("bn_add_relu", 256, 56, 3)
+    case = OpCase("bn_add_relu", channels, hw, 3)
     available = fastres.available_backends()
+    impls = OP_IMPLS if device.type == "cuda" else ["eager", "fastres:cpu"]
     for backward in (True, False):
-        for impl in OP_IMPLS:
+        for impl in impls:
             row = {"op": case.name, "batch": batch, "backward": backward, "impl": impl}
             if impl.startswith("fastres:") and impl.split(":")[1] not in available:
                 row["error"] = f"backend {impl.split(':')[1]} is not available here"
             else:
                 try:
-                    step = make_op_step(case, batch, dtype, True, "cuda", impl, backward)
-                    m = measure(step, "cuda", warmup=warmup, iters=iters)
+                    step = make_op_step(case, batch, dtype, True, device, impl, backward)
+                    m = measure(step, device, warmup=warmup, iters=iters)
                     nbytes = op_bytes(case, batch, dtype, backward)
                     row.update(ms=m.ms, bytes_per_s=m.per_second(nbytes),
                                copy_fraction=m.per_second(nbytes) / copy)
@@ -167,7 +176,13 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="train,infer")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a smoke test of this script (tiny sizes), not a measurement")
+    p.add_argument("--variants", default=",".join(MODEL_VARIANTS),
+                   help="of " + ", ".join(f"{k} ({v[0]})" for k, v in MODEL_VARIANTS.items())
+                        + "; in this order")
+    p.add_argument("--op-shape", default="256x56", help="channels x size of the fused op")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--budget", type=float, default=300.0,
@@ -176,22 +191,31 @@ def main(argv=None) -> int:
                    help="seconds a torch.compile measurement needs at least")
     p.add_argument("--no-ops", action="store_true", help="skip the op bandwidth")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device")
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or any(v not in MODEL_VARIANTS for v in variants):
+        p.error(f"--variants takes {', '.join(MODEL_VARIANTS)}, got {args.variants!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("needs a CUDA device (--device cpu only smoke-tests the script)")
+    try:
+        op_channels, op_hw = (int(v) for v in args.op_shape.split("x"))
+    except ValueError:
+        p.error(f"--op-shape must be CHANNELSxSIZE, got {args.op_shape!r}")
     modes = [m for m in args.modes.split(",") if m]
     if not modes or any(m not in ("train", "infer") for m in modes):
         p.error("--modes takes train and/or infer")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     os.makedirs(args.out, exist_ok=True)
     settings = dict(batch_size=args.batch_size, image_size=args.image_size,
-                    dtype=f"AMP {args.dtype}", layout="channels_last", warmup=args.warmup,
+                    dtype=args.dtype if args.dtype == "fp32" else f"AMP {args.dtype}",
+                    layout="channels_last", warmup=args.warmup,
                     iters=args.iters, conv_autotune=os.environ.get("FASTRES_CONV_AUTOTUNE", "1"),
                     budget_s=args.budget)
-    run = Run(os.path.join(args.out, args.name), args.budget, args.compile_reserve, settings)
+    run = Run(os.path.join(args.out, args.name), args.device, args.budget, args.compile_reserve,
+              settings)
     if not args.no_ops:
-        measure_ops(run, args.batch_size, dtype, args.warmup, args.iters)
+        measure_ops(run, args.batch_size, dtype, args.warmup, args.iters, op_channels, op_hw)
     measure_models(run, [m for m in args.models.split(",") if m], modes, args.batch_size,
-                   args.image_size, dtype, args.warmup, args.iters)
+                   args.image_size, dtype, args.warmup, args.iters, variants)
     run.doc["seconds"] = run.elapsed()
     run.save()
     from .gpu_status import headline_markdown

@@ -92,14 +92,14 @@ def _tests_table(doc: dict) -> List[str]:
 def headline_markdown(doc: dict, heading: str = "##") -> str:
     env = doc.get("environment", {})
     s = doc.get("settings", {})
-    lines = [f"{heading} GPU run of {env.get('date', '?')}: {env.get('device', '?')}", "",
+    lines = [f"{heading} Run of {env.get('date', '?')}: {env.get('device', '?')}", "",
              f"torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
              f"triton {env.get('triton')}, Python {env.get('python')}, fastres "
              f"{env.get('fastres')}" + (f"; nvidia-smi: {doc['nvidia_smi']}"
                                         if doc.get("nvidia_smi") else "") + ".",
              f"Batch {s.get('batch_size')}, {s.get('image_size')} px, {s.get('dtype')}, "
              f"{s.get('layout')}; median of {s.get('iters')} steps after {s.get('warmup')} "
-             f"warm-up (CUDA events); Triton convolution autotuning "
+             f"warm-up; Triton convolution autotuning "
              f"{'off' if s.get('conv_autotune') == '0' else 'on'}.", ""]
     if doc.get("stages"):
         lines += _stages_table(doc) + [""]

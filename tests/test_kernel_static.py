@@ -301,3 +301,51 @@ def test_launch_recorder_passes_through_under_the_interpreter():
     torch.testing.assert_close(got, expected)
     names = [launch.name for launch in launches]
     assert "_merge_stats_kernel" in names and any(n.startswith("_fwd_") for n in names)
+
+
+def test_warm_cache_is_what_the_jit_compiles(tmp_path):
+    """`--warm-cache` only saves GPU time if its compilations are the very ones Triton's JIT
+    looks up at launch. With a stand-in active driver (sm_90, no GPU), JITFunction.warmup of the
+    same launches finds everything the report compiled: no new cache entries; with a cold
+    cache the same warm-up writes entries (so the check can fail)."""
+    code = f"""
+        import glob, json, os, sys
+        os.environ["TRITON_CACHE_DIR"] = sys.argv[1]
+        import torch
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime import driver
+        from fastres.kernels import batch_norm_act, conv, report
+        from fastres.kernels.launch import record_launches
+
+        meta = dict(device="meta")
+        x = torch.empty(256, 64, 56, 56, **meta).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(64, 64, 3, 3, **meta).contiguous(memory_format=torch.channels_last)
+        with record_launches() as launches:
+            batch_norm_act.bn_act_forward(x, None, None, None, None, None, True, 1e-5, True)
+            conv.conv_forward(x.bfloat16(), w.bfloat16(), 1, 1, stats=True)
+        if sys.argv[2] == "warm":
+            specs = [s for l in launches for s in report.specs_of_launch(l, "sm90", "test")]
+            assert all(r["compiled"] for r in report.compile_specs(specs, jobs=1, analyse=False))
+        before = set(glob.glob(os.path.join(sys.argv[1], "*")))
+
+        class StandInDriver:  # what JITFunction.run asks of the active driver
+            def get_current_target(self): return GPUTarget("cuda", 90, 32)
+            def get_current_device(self): return 0
+            def get_current_stream(self, device=None): return 0
+
+        driver.set_active(StandInDriver())
+        for launch in launches:
+            launch.kernel.warmup(*launch.args, grid=(1,), **launch.kwargs)
+        new = set(glob.glob(os.path.join(sys.argv[1], "*"))) - before
+        print(json.dumps({{"launches": len(launches), "new": len(new)}}))
+    """
+    results = {}
+    for mode in ("warm", "cold"):
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code),
+                               str(tmp_path / mode), mode], env=_compiler_env(),
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["warm"]["launches"] >= 4
+    assert results["warm"]["new"] == 0, results
+    assert results["cold"]["new"] > 0, results

@@ -677,7 +677,7 @@ def main(argv=None) -> int:
         return 2
     try:
         _check_not_interpreted()
-        cuobjdump = find_cuobjdump()
+        cuobjdump = None if (args.warm_cache or args.list) else find_cuobjdump()
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

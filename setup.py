@@ -60,10 +60,18 @@ def extension():
         ("FASTRES_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
     cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for runs the CPU kernels on torch's OpenMP threads only when the extension
+        # itself is compiled with OpenMP (else it runs them serially); the libgomp.so.1 that
+        # torch loads serves both. No -march: the vectorised kernels are compiled per CPU
+        # capability with target pragmas (csrc/cpu/bn_act_kernel_*.cpp) and picked at run time.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not with_cuda:
         return CppExtension(
             "fastres._C", sources, include_dirs=[str(ROOT / "csrc")],
-            define_macros=defines, extra_compile_args={"cxx": cxx},
+            define_macros=defines, extra_compile_args={"cxx": cxx}, extra_link_args=link,
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -77,6 +85,7 @@ def extension():
     return CUDAExtension(
         "fastres._C", sources, include_dirs=[str(ROOT / "csrc")],
         define_macros=defines, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 

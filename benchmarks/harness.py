@@ -3,8 +3,12 @@
 
 Sizes follow the device: on a GPU the real ones (batch 256, every BatchNorm shape of
 ResNet-50, ResNet-18/50/152 at 224 px, torch.compile baselines); on a CPU small ones, so the
-whole suite finishes in a few minutes (CI runs it). FASTRES_BENCH_MODELS=resnet50,... picks
-the models of the model-level benchmarks.
+whole suite finishes in a few minutes (CI runs it): the ops at batch 2 (NCHW and
+channels_last), ResNet-18 at 32 px, and of the CPU configurations of
+fastres.bench.model_benchmark.CPU_SUITE (fused vs plain PyTorch) resnet20 at batch 64;
+FASTRES_BENCH_CPU_SUITE=1 adds the others (resnet18 16 @ 112 px, resnet50 8 @ 112 px, a few
+minutes more). FASTRES_BENCH_MODELS=resnet50,... picks the models of the model-level
+benchmarks.
 
 Every benchmark times its step twice: with CUDA events (median of single calls after warm-up,
 fastres.bench.timing.measure), whose numbers, with peak memory, images/s and achieved
@@ -47,11 +51,12 @@ GPU_SCALE = Scale(op_batch=256, op_max_hw=1000, op_compile_cases=-1, block_batch
                   block_size=56, model_batch=256, model_image=224,
                   models=["resnet18", "resnet50", "resnet152"], model_dtypes=["fp32", "bf16"],
                   model_compile=True, warmup=5, iters=20, rounds=10)
-CPU_SCALE = Scale(op_batch=2, op_max_hw=14, op_compile_cases=2, block_batch=2, block_size=14,
+CPU_SCALE = Scale(op_batch=2, op_max_hw=1000, op_compile_cases=2, block_batch=2, block_size=14,
                   model_batch=2, model_image=32, models=["resnet18"],
                   model_dtypes=["fp32", "bf16"], model_compile=False, warmup=1, iters=2,
                   rounds=2)
 SCALE = GPU_SCALE if GPU else CPU_SCALE
+CPU_SUITE_ALL = os.environ.get("FASTRES_BENCH_CPU_SUITE", "0") == "1"
 if os.environ.get("FASTRES_BENCH_MODELS"):
     SCALE = Scale(**{**SCALE.__dict__,
                      "models": os.environ["FASTRES_BENCH_MODELS"].split(",")})

@@ -1,6 +1,7 @@
 """Op level: fused BN+ReLU and BN+add+ReLU, forward and forward+backward, each fastres backend
 against the unfused PyTorch sequence and torch.compile of it, on every BatchNorm shape of
-ResNet-50 (bf16 channels_last at batch 256 on a GPU; fp32, batch 2, maps up to 14x14 on a CPU).
+ResNet-50 (bf16 channels_last at batch 256 on a GPU; fp32 at batch 2, NCHW and channels_last,
+on a CPU).
 extra_info: ms (CUDA events), peak_gib, bytes and bandwidth_fraction (the op's minimal traffic
 over the time, as a fraction of the device's measured copy bandwidth)."""
 import pytest
@@ -29,16 +30,20 @@ def _compile_cases():
 
 IMPLS = ["eager"] + [f"fastres:{b}" for b in fastres_backends(DEVICE)]
 PARAMS = [(c, impl) for c in CASES for impl in IMPLS] + [(c, "compile") for c in _compile_cases()]
+# the GPU headline layout is channels_last; on a CPU both layouts matter (NCHW is the default)
+LAYOUTS = ["channels_last"] if GPU else ["nchw", "channels_last"]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("case,impl", PARAMS,
                          ids=[f"{c.name}-{impl.replace(':', '-')}" for c, impl in PARAMS])
-def test_op(benchmark, case, impl, backward):
-    benchmark.group = f"op {case.name} {'fwd+bwd' if backward else 'fwd'}"
-    step = make_op_step(case, SCALE.op_batch, DTYPE, True, DEVICE, impl, backward)
+def test_op(benchmark, case, impl, backward, layout):
+    benchmark.group = f"op {case.name} {'fwd+bwd' if backward else 'fwd'} {layout}"
+    step = make_op_step(case, SCALE.op_batch, DTYPE, layout == "channels_last", DEVICE, impl,
+                        backward)
     nbytes = op_bytes(case, SCALE.op_batch, DTYPE, backward)
     run_benchmark(benchmark, step, nbytes=nbytes, copy_bw=copy_bandwidth(DEVICE),
                   op=case.op, shape=[SCALE.op_batch, case.channels, case.hw, case.hw],
-                  impl=impl, dtype=str(DTYPE), layout="channels_last")
+                  impl=impl, dtype=str(DTYPE), layout=layout)
     assert 0 < benchmark.extra_info["bandwidth_fraction"] < 100

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "batch_norm_act.h"
+#include "cpu/bn_act_kernel.h"
 
 #ifndef FASTRES_VERSION
 #define FASTRES_VERSION "unknown"
@@ -41,6 +42,8 @@ pybind11::dict build_info() {
   pybind11::dict d;
   d["version"] = FASTRES_VERSION;
   d["torch_version"] = FASTRES_TORCH_VERSION;
+  // the CPU kernels this machine runs: the at::vec build picked from ATen's CPU capability
+  d["cpu_kernels"] = fastres::cpu::kernels().capability;
 #ifdef FASTRES_WITH_CUDA
   d["cuda"] = true;
   d["cuda_archs"] = FASTRES_CUDA_ARCHS;

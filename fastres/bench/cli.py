@@ -5,6 +5,7 @@ torchvision eager and torch.compile.
     python -m fastres.bench --models resnet50 --mode infer --dtype bf16 --channels-last
     python -m fastres.bench --device cpu --models resnet18 --batch-size 2 --image-size 32
     python -m fastres.bench --models resnet50 --conv-backend triton   # Triton convolutions
+    python -m fastres.bench --suite cpu [--compile]   # CPU: fastres vs plain PyTorch, ops+models
 
 Prints a markdown table (images/s, peak GiB, speed-up of fastres over torchvision eager and
 over torchvision torch.compile) and writes it, the numbers as JSON and a bar chart (PNG) to
@@ -12,6 +13,16 @@ over torchvision torch.compile) and writes it, the numbers as JSON and a bar cha
 and 20 timed steps (CUDA events). On a CPU: batch 4, 64 px, fp32, NCHW, no compile, 1 + 3.
 --conv-backend (cudnn by default, or triton, auto; see fastres.set_conv_backend) picks the
 convolutions of the fastres models only; the table names it in their column.
+
+--suite cpu measures what fastres promises on a CPU, every variant side by side in one process
+(fastres.bench.model_benchmark.measure_side_by_side): the fused forward+backward of every
+ResNet-50 BatchNorm shape (batch 2, fp32, NCHW and channels_last) against eager PyTorch's
+separate ops (and, with --compile, torch.compile of them), and resnet20 (batch 64), resnet18
+(16 @ 112 px) and resnet50 (8 @ 112 px), fp32, NCHW and channels_last, training and inference,
+fused against the same network in plain PyTorch with the same weights, torchvision's, and with
+--compile torch.compile of the plain one (Inductor's CPU backend; minutes of compilation).
+--models and --mode narrow it; --iters / --warmup set the side-by-side rounds (default 7 / 2
+for models, 25 / 3 for ops); --no-ops skips the op table.
 """
 import argparse
 import os
@@ -30,9 +41,14 @@ __all__ = ["main", "parse_args"]
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastres-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="resnet18,resnet50,resnet152",
+    p.add_argument("--models", default=None,
                    help="comma-separated names of fastres.models.list_models() "
-                        "(default: %(default)s)")
+                        "(default: resnet18,resnet50,resnet152; with --suite cpu its models)")
+    p.add_argument("--suite", choices=["cpu"], default=None,
+                   help="cpu: the CPU comparison with plain PyTorch (ops and models, side by "
+                        "side; see above)")
+    p.add_argument("--ops", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --suite cpu: also the op table (default on)")
     p.add_argument("--mode", choices=["train", "infer", "both"], default="both",
                    help="training step, inference, or both (default)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -55,6 +71,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG chart")
     args = p.parse_args(argv)
 
+    if args.suite == "cpu":
+        if args.device not in (None, "cpu"):
+            p.error("--suite cpu runs on the CPU (leave --device out or give cpu)")
+        args.device = "cpu"
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -66,9 +86,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     defaults = dict(batch_size=256 if gpu else 4, image_size=224 if gpu else 64,
                     dtype="bf16" if gpu else "fp32", channels_last=gpu, compile=gpu,
                     warmup=5 if gpu else 1, iters=20 if gpu else 3)
+    if args.suite == "cpu":
+        from .model_benchmark import CPU_SUITE
+
+        defaults.update(warmup=2, iters=7)
+        if args.models is None:
+            args.models = ",".join(dict.fromkeys(name for name, *_ in CPU_SUITE))
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.models is None:
+        args.models = "resnet18,resnet50,resnet152"
     for key in ("batch_size", "image_size", "iters"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
@@ -108,9 +136,46 @@ def _progress(total: int):
     return report, (lambda: (bar.update(1), bar.close()))
 
 
+def _cpu_suite(args, modes: List[str]) -> int:
+    """--suite cpu: the op and model tables of the CPU comparison (markdown + JSON)."""
+    from .model_benchmark import CPU_SUITE, run_cpu_op_suite, run_cpu_suite
+    from .report import cpu_suite_markdown
+
+    configs = [c for c in CPU_SUITE if c[0] in args.models]
+    if not configs:
+        print(f"--suite cpu: none of {args.models} is in its models "
+              f"({', '.join(dict.fromkeys(c[0] for c in CPU_SUITE))})", file=sys.stderr)
+        return 2
+    variants = ["fastres", "plain", "torchvision"] + (["torchvision compile"] if args.compile
+                                                       else [])
+    impls = ["eager"] + (["compile"] if args.compile else []) + ["fastres:cpu"]
+    total = (len(configs) * len(modes)) + (24 if args.ops else 0)
+    progress, done = _progress(total)
+    op_rows = run_cpu_op_suite(impls=impls, progress=progress) if args.ops else []
+    model_rows = run_cpu_suite(configs, modes, variants, warmup=args.warmup, iters=args.iters,
+                               progress=progress)
+    done()
+    meta = environment("cpu")
+    meta["settings"] = {"dtype": "fp32", "model warmup/rounds": f"{args.warmup}/{args.iters}",
+                        "compile": bool(args.compile)}
+    if args.ops:
+        meta["settings"].update({"op batch": 2, "op warmup/rounds": "3/25"})
+    table = cpu_suite_markdown(op_rows, model_rows, meta)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "cpu_suite.md"), "w") as f:
+        f.write(table)
+    write_json(os.path.join(args.out, "cpu_suite.json"), op_rows + model_rows, meta)
+    print(f"wrote {os.path.join(args.out, 'cpu_suite.md')}, "
+          f"{os.path.join(args.out, 'cpu_suite.json')}")
+    return 1 if any("error" in r for r in model_rows) else 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     modes = ["train", "infer"] if args.mode == "both" else [args.mode]
+    if args.suite == "cpu":
+        return _cpu_suite(args, modes)
     variants = ["torchvision", "fastres"]
     if args.compile:
         variants += ["torchvision compile", "fastres compile"]

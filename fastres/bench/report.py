@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["environment", "markdown_table", "write_json", "bar_chart"]
+__all__ = ["environment", "markdown_table", "write_json", "bar_chart", "cpu_suite_markdown"]
 
 
 def environment(device) -> dict:
@@ -34,6 +34,7 @@ def environment(device) -> dict:
         env["triton"] = None
     import fastres
     env["fastres"] = fastres.__version__
+    env["cpu_kernels"] = fastres.build_info().get("cpu_kernels")
     return env
 
 
@@ -135,3 +136,71 @@ def bar_chart(path: str, rows: List[dict], meta: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU suite (fastres.bench.model_benchmark.run_cpu_suite / run_cpu_op_suite)
+# ---------------------------------------------------------------------------------------------
+_OP_LABELS = {"eager": "eager", "compile": "torch.compile", "fastres:cpu": "fastres"}
+
+
+def _x(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def cpu_suite_markdown(op_rows: List[dict], model_rows: List[dict], meta: dict) -> str:
+    """The CPU suite as markdown: the op table (ms of forward+backward per implementation,
+    speed-up of fastres over eager and over torch.compile, and a ResNet-50 total weighted by how
+    often each shape occurs) and the model table (images/s per variant, speed-up of fastres
+    over plain PyTorch, torchvision and torch.compile). Times are medians of side-by-side runs."""
+    settings = meta.get("settings", {})
+    lines = [f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}, "
+             f"fastres CPU kernels {meta.get('cpu_kernels', '?')}, {meta.get('date', '')}",
+             ", ".join(f"{k} {v}" for k, v in settings.items()), ""]
+    if op_rows:
+        impls = list(dict.fromkeys(i for r in op_rows for i in r["ms"]))
+        lines += ["Ops: fused BatchNorm(+add)+ReLU forward+backward (training mode, fp32), every "
+                  "BatchNorm shape of ResNet-50; ms (median)", "",
+                  "| op | shape | layout | " + " | ".join(f"{_OP_LABELS.get(i, i)} ms"
+                                                         for i in impls)
+                  + " | fastres vs eager | fastres vs torch.compile |",
+                  "|---" * (len(impls) + 5) + "|"]
+        totals: Dict[Tuple[str, str], float] = {}
+        for r in op_rows:
+            ms = {i: r["ms"][i]["ms"] for i in r["ms"]}
+            for i, v in ms.items():
+                totals[(r["layout"], i)] = totals.get((r["layout"], i), 0.0) + v * r["count"]
+            lines.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | "
+                         + " | ".join(f"{ms[i]:.3f}" if i in ms else "-" for i in impls)
+                         + f" | {_x(ms.get('eager'), ms.get('fastres:cpu'))}"
+                         + f" | {_x(ms.get('compile'), ms.get('fastres:cpu'))} |")
+        for layout in dict.fromkeys(r["layout"] for r in op_rows):
+            t = {i: totals.get((layout, i)) for i in impls}
+            lines.append(f"| all BN layers of ResNet-50 (x count) | | {layout} | "
+                         + " | ".join(f"{v:.3f}" if v else "-" for v in t.values())
+                         + f" | {_x(t.get('eager'), t.get('fastres:cpu'))}"
+                         + f" | {_x(t.get('compile'), t.get('fastres:cpu'))} |")
+        lines.append("")
+    if model_rows:
+        variants = list(dict.fromkeys(r["variant"] for r in model_rows))
+        lines += ["Models: images/s (median step), fp32; training step = forward, cross-entropy, "
+                  "backward, SGD; inference = no_grad forward", "",
+                  "| model | batch @ px | layout | mode | "
+                  + " | ".join(f"{v} img/s" for v in variants)
+                  + " | fastres vs plain | vs torchvision | vs torch.compile |",
+                  "|---" * (len(variants) + 7) + "|"]
+        groups: Dict[tuple, Dict[str, dict]] = {}
+        for r in model_rows:
+            key = (r["model"], r["batch"], r["image_size"], r["layout"], r["mode"])
+            groups.setdefault(key, {})[r["variant"]] = r
+        for (model, batch, size, layout, mode), by in groups.items():
+            ips = {v: _ips(by.get(v)) for v in variants}
+            compiled = ips.get("torchvision compile") or ips.get("plain compile")
+            lines.append(f"| {model} | {batch} @ {size} | {layout} | {mode} | "
+                         + " | ".join(_cell(by[v]).split(" (")[0] if v in by else "-"
+                                      for v in variants)
+                         + f" | {_x(ips.get('fastres'), ips.get('plain'))}"
+                         + f" | {_x(ips.get('fastres'), ips.get('torchvision'))}"
+                         + f" | {_x(ips.get('fastres'), compiled)} |")
+        lines.append("")
+    return "\n".join(lines)

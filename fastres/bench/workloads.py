@@ -11,7 +11,8 @@ then fastres' fused training-mode BatchNorm+ReLU of its output) and ``"triton"``
 statistics from the epilogue).
 Blocks: ResNet-18's first BasicBlock and ResNet-50's first Bottleneck (56x56); ``"unfused"``
 (fused=False), ``"fused"`` and ``"fused compile"`` / ``"unfused compile"``.
-Models: ``"torchvision"``, ``"fastres"`` (fused), each optionally ``" compile"``; a training
+Models: ``"torchvision"``, ``"fastres"`` (fused), ``"plain"`` (fastres with ``fused=False``), each
+optionally ``" compile"``; a training
 step is forward + cross-entropy + backward + SGD (momentum 0.9, weight decay 1e-4), inference
 is a forward under ``torch.no_grad()``; low precision runs under autocast (parameters fp32).
 """
@@ -300,13 +301,17 @@ def make_block_step(block: str, batch: int, dtype: torch.dtype, channels_last: b
     return step
 
 
-def make_model(name: str, variant: str, device, channels_last: bool) -> nn.Module:
-    """`variant` is "torchvision" or "fastres" (fused), optionally followed by " compile".
+def make_model(name: str, variant: str, device, channels_last: bool,
+               state_dict: Optional[dict] = None) -> nn.Module:
+    """`variant` is "torchvision", "fastres" (fused) or "plain" (the fastres model built with
+    ``fused=False``: plain PyTorch ops), optionally followed by " compile".
 
     "torchvision" is torchvision's model where it has one (the ImageNet ResNets) and otherwise
-    the fastres model built with ``fused=False`` (plain PyTorch ops, same network)."""
+    the plain fastres model (same network). `state_dict`: weights to load (every variant has
+    torchvision's keys), so variants can be compared with the same weights."""
     base = variant.split()[0]
-    if base not in ("torchvision", "fastres") or variant.split()[1:] not in ([], ["compile"]):
+    if base not in ("torchvision", "fastres", "plain") or \
+            variant.split()[1:] not in ([], ["compile"]):
         raise ValueError(f"unknown model variant {variant!r}")
     if base == "torchvision":
         import torchvision
@@ -316,7 +321,9 @@ def make_model(name: str, variant: str, device, channels_last: bool) -> nn.Modul
         else:  # CIFAR and plain nets: the same network from unfused PyTorch ops
             model = fastres.models.get_model(name, fused=False)
     else:
-        model = fastres.models.get_model(name, fused=True)
+        model = fastres.models.get_model(name, fused=base == "fastres")
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

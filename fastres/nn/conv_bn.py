@@ -5,8 +5,10 @@ Training (or whenever gradients are needed) runs the convolution, then the fused
 In eval mode, with no gradient needed, the BatchNorm is folded into the convolution's weight
 and bias, ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``,
 and the add and ReLU run in the convolution's epilogue: with the conv backend "triton" in
-fastres' Triton convolution (bias + residual + ReLU epilogue), elsewhere as ``conv2d`` + add +
-ReLU. On CUDA with the cuDNN convolution, a conv-BN(-add)-ReLU is not folded: cuDNN's fused
+fastres' Triton convolution (bias + residual + ReLU epilogue); on a CPU (float32) in oneDNN's
+convolution with the folded weight prepacked for the input's shape, bias and residual added in
+its epilogue, then an in-place ``torch.relu_`` (oneDNN's own ReLU post-op turns NaN into 0);
+elsewhere as ``conv2d`` + add + ReLU. On CUDA with the cuDNN convolution, a conv-BN(-add)-ReLU is not folded: cuDNN's fused
 ``torch.cudnn_convolution_relu`` / ``_add_relu`` turn NaN into 0 (PyTorch builds their
 activation with CUDNN_NOT_PROPAGATE_NAN), so the convolution runs alone and the fused
 BatchNorm (+ add) + ReLU kernel normalises its output with the running statistics (one pass
@@ -17,6 +19,8 @@ whenever the convolution's or BatchNorm's parameters or buffers change (in-place
 ``load_state_dict``, ``.to()``), so a model never runs on stale folded weights; under
 torch.compile they are recomputed inside the graph.
 """
+import os
+import weakref
 from typing import Optional
 
 import torch
@@ -71,7 +75,7 @@ def _cache_key(conv, bn, dtype, memory_format):
     ``_version`` (the update happens inside the batch_norm kernel), but it always increments
     ``num_batches_tracked`` in place, which does; so the counter is part of the key.
     """
-    parts = [dtype, memory_format]
+    parts = [dtype, str(memory_format)]  # (torch.save cannot pickle a memory_format)
     counter = getattr(bn, "num_batches_tracked", None)
     for t in _tensors(conv, bn) + ([counter] if counter is not None else []):
         parts += [t.data_ptr(), t._version, t.dtype, t.device]
@@ -109,6 +113,8 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
         if residual is None:
             return batch_norm_relu(y, **args)
         return batch_norm_add_relu(y, residual.to(y.dtype), **args)
+    if _onednn_ok(conv, x, residual):
+        return _onednn_conv_bn_act(conv, bn, x, residual, relu)
     channels_last = x.dim() == 4 and not x.is_contiguous() and \
         x.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -117,6 +123,61 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU inference: oneDNN's convolution with the folded weights prepacked
+# ---------------------------------------------------------------------------------------------
+_ONEDNN = os.environ.get("FASTRES_CPU_ONEDNN", "1") != "0"
+# BatchNorm module -> (key, packed weight, bias, folded weight): beside the module, not in its
+# __dict__, so deepcopy and pickling of a model never meet the opaque oneDNN tensor
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor]) -> bool:
+    """fp32 4-D CPU inference outside torch.compile, with oneDNN available."""
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or (
+                residual is not None and residual.requires_grad)))
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and (residual is None or residual.dtype == torch.float32))
+
+
+def _packed(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor):
+    """(oneDNN-packed folded weight, folded bias): packed from the cached folded weights
+    (``_folded``, which recomputes them when a parameter or statistic changes), and repacked
+    when those change or the input shape does (oneDNN picks the weight layout for a shape)."""
+    weight, bias = _folded(conv, bn, torch.float32, torch.channels_last)
+    key = (id(weight), weight._version, tuple(x.shape))
+    cache = _PACKED.get(bn)
+    if cache is None or cache[0] != key or cache[3] is not weight:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            list(x.shape))
+        cache = (key, packed, bias.contiguous(), weight)
+        _PACKED[bn] = cache
+    return cache[1], cache[2]
+
+
+def _onednn_conv_bn_act(conv, bn, x, residual, relu):
+    """conv(x, w') + b' (+ residual) in one oneDNN call (bias and residual in its epilogue), then
+    an in-place ReLU (oneDNN's ReLU post-op turns NaN into 0; torch.relu_ keeps it). oneDNN runs
+    the prepacked convolution channels-last: the output is channels-last."""
+    def dense(t):
+        if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+            return t
+        return t.contiguous()
+
+    x = dense(x)
+    packed, bias = _packed(conv, bn, x)
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if residual is None:
+        y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
+    else:
+        y = torch.ops.mkldnn._convolution_pointwise.binary(x, dense(residual), packed, bias,
+                                                           *args, "add", 1.0, None, [], "")
+    return torch.relu_(y) if relu else y
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,

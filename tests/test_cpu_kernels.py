@@ -1,0 +1,269 @@
+"""The vectorised C++ CPU kernels (csrc/cpu/bn_act_kernel.inc) on shapes big enough to run every
+code path the small cases of test_batch_norm_act.py do not reach: several statistics chunks per
+channel, several row blocks (NHWC), partial vectors, the second (re-centred) statistics pass,
+the double fallback on overflow, and more than one thread; each CPU capability build (DEFAULT,
+AVX2, AVX512) where the machine has it; determinism for any thread count; and the folded CPU
+inference path (oneDNN with prepacked weights)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastres
+from fastres.functional import batch_norm_add_relu, batch_norm_relu
+from numerics import assert_close_rule, reference_dtype, unfused
+
+# (N, C, H, W): per-channel sizes of several chunks, NHWC row blocks and partial vectors
+SHAPES = [(4, 24, 40, 40), (3, 37, 17, 19), (2, 520, 7, 7), (64, 16, 8, 8)]
+
+
+def _data(shape, dtype, channels_last, residual, seed=0, offset_scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    offset = torch.randn(c, generator=g, dtype=torch.float64) * offset_scale
+    spread = torch.rand(c, generator=g, dtype=torch.float64) * 3 + 0.1
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * spread.view(view) + offset.view(view)
+    r = torch.randn(shape, generator=g, dtype=torch.float64) if residual else None
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.randn(c, generator=g, dtype=torch.float64)
+    b = torch.randn(c, generator=g, dtype=torch.float64) * 0.5
+
+    def act(t):
+        if t is None:
+            return None
+        t = t.to(dtype)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+    return act(x), act(r), act(grad), w, b
+
+
+def _run(x, r, grad, w, b, fused, training=True, threads=None):
+    """forward + backward in x's dtype (parameters and statistics in the statistics dtype)."""
+    sd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.detach().clone().requires_grad_(True)
+    r = r.detach().clone().requires_grad_(True) if r is not None else None
+    w = w.to(sd).requires_grad_(True)
+    b = b.to(sd).requires_grad_(True)
+    rm, rv = torch.zeros(x.shape[1], dtype=sd), torch.ones(x.shape[1], dtype=sd)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if fused:
+            with fastres.backend("cpu"):
+                y = (batch_norm_relu(x, rm, rv, w, b, training) if r is None
+                     else batch_norm_add_relu(x, r, rm, rv, w, b, training))
+        else:
+            y = unfused(x, r, rm, rv, w, b, training, 0.1, 1e-5)
+        inputs = [t for t in (x, r, w, b) if t is not None]
+        grads = torch.autograd.grad(y, inputs, grad)
+    finally:
+        torch.set_num_threads(before)
+    return [y.detach(), *grads, rm, rv]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_large_shapes_follow_the_numerics_rule(shape, dtype, channels_last, residual, training):
+    x, r, grad, w, b = _data(shape, dtype, channels_last, residual)
+    fused = _run(x, r, grad, w, b, True, training)
+    same = _run(x, r, grad, w, b, False, training)
+    ref = _run(*(t.to(reference_dtype(dtype)) if t is not None else None for t in (x, r, grad)),
+               w, b, False, training)
+    assert fused[0].stride() == x.stride()
+    names = ["out", "grad_input"] + (["grad_residual"] if residual else []) + \
+        ["grad_weight", "grad_bias"]
+    for name, f, s, rf in zip(names, fused, same, ref):
+        assert_close_rule(f, s, rf, dtype, name, mask_flips=name != "out")
+    torch.testing.assert_close(fused[-2], same[-2], rtol=1e-5, atol=1e-6)  # running stats
+    torch.testing.assert_close(fused[-1], same[-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
+@pytest.mark.parametrize("offset", [2.0, 1e3], ids=["normal", "large_mean"])
+def test_float64_within_1e9_of_pytorch(channels_last, residual, offset):
+    """float64: every result within 1e-9 (relative to its scale) of unfused PyTorch. (Both
+    normalise as x * scale + shift, whose rounding grows with |mean| / std: at a mean of 1e6
+    and unit spread both are ~1e-9 off the exact result, see tests/fuzzing.py's allowance.)"""
+    x, r, grad, w, b = _data((4, 24, 40, 40), torch.float64, channels_last, residual,
+                             offset_scale=offset)
+    fused = _run(x, r, grad, w, b, True)
+    same = _run(x, r, grad, w, b, False)
+    for f, s in zip(fused, same):
+        scale = max(1.0, s.abs().max().item())
+        assert (f - s).abs().max().item() <= 1e-9 * scale
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_statistics_recentre_where_the_first_chunk_is_far_from_the_mean(channels_last):
+    """A channel whose first values sit far from the rest (the shifted sums' centre is then
+    far from the mean): the second pass around the mean keeps float32 accurate."""
+    n, c, h = 8, 8, 32
+    x = torch.randn(n, c, h, h, dtype=torch.float64) * 0.01
+    x[0, :, :4, :] += 1000.0  # the first rows of the first image, in every channel
+    xs = x.float()
+    if channels_last:
+        xs = xs.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _, mean, var = torch.ops.fastres.bn_act_forward(xs, None, None, None, None, None, True,
+                                                         1e-5, True)
+    ref_mean = xs.double().mean((0, 2, 3))
+    ref_var = xs.double().var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_float32_squares_that_overflow_fall_back_to_double(channels_last):
+    """|x| ~ 1e19: (x - centre)^2 overflows float, the variance (~1e38) does not: it is
+    recomputed in double. (PyTorch's own float32 batch_norm returns zeros here.)"""
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64) * 1e19
+    xs = x.float()
+    if channels_last:
+        xs = xs.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out, mean, var = torch.ops.fastres.bn_act_forward(xs, None, None, None, None, None, True,
+                                                           1e-5, False)
+        ref = F.batch_norm(xs.double(), None, None, None, None, True, 0.1, 1e-5)
+    assert torch.isfinite(var).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(var.double(), xs.double().var((0, 2, 3), unbiased=False),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_deterministic_for_any_thread_count(channels_last, dtype):
+    """Same bits with 1 and 2 threads and from run to run: fixed chunks, fixed combine order."""
+    x, r, grad, w, b = _data((4, 24, 40, 40), dtype, channels_last, True)
+    one = _run(x, r, grad, w, b, True, threads=1)
+    two = _run(x, r, grad, w, b, True, threads=2)
+    again = _run(x, r, grad, w, b, True, threads=2)
+    for a, b2, c in zip(one, two, again):
+        assert torch.equal(a, b2) and torch.equal(b2, c)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_recomputed_mask_is_the_stored_outputs_sign(dtype, channels_last):
+    """BN+ReLU keeps no output: the backward recomputes the ReLU mask from x with the
+    forward's arithmetic and rounding, so the gradient passes exactly where the stored output
+    is > 0 (with a gradient of ones, grad_bias counts those positions)."""
+    x, _, _, w, b = _data((3, 37, 17, 19), dtype, channels_last, False)
+    w, b = w.float(), b.float() * 1e-3  # many pre-activations near 0, some rounded to 0
+    with torch.no_grad():
+        y, mean, var = torch.ops.fastres.bn_act_forward(x, None, w, b, None, None, True, 1e-5,
+                                                         True)
+        g = torch.ones_like(x)
+        _, _, _, gb = torch.ops.fastres.bn_act_backward(g, x, None, w, b, mean, var, True, 1e-5,
+                                                         True, False)
+    assert torch.equal(gb, (y > 0).to(torch.float32).sum((0, 2, 3)))
+
+
+CAPABILITY_SCRIPT = textwrap.dedent("""
+    import torch, fastres
+    from fastres.functional import batch_norm_add_relu
+    print(fastres.build_info()["cpu_kernels"])
+    torch.manual_seed(0)
+    for cl in (False, True):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            x = torch.randn(3, 37, 17, 19, dtype=torch.float64) * 2 + 1
+            r = torch.randn_like(x)
+            x, r = x.to(dtype), r.to(dtype)
+            if cl:
+                x, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, r))
+            x.requires_grad_(True)
+            r.requires_grad_(True)
+            sd = torch.float64 if dtype == torch.float64 else torch.float32
+            w = torch.linspace(0.5, 1.5, 37, dtype=sd).requires_grad_(True)
+            b = torch.linspace(-0.2, 0.2, 37, dtype=sd).requires_grad_(True)
+            y = batch_norm_add_relu(x, r, None, None, w, b, True)
+            gs = torch.autograd.grad(y, (x, r, w, b), torch.ones_like(y))
+            ref = torch.relu(torch.nn.functional.batch_norm(x.double(), None, None, w.double(),
+                                                            b.double(), True) + r.double())
+            gr = torch.autograd.grad(ref, (x, r, w, b), torch.ones_like(ref))
+            tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+            assert (y.double() - ref).abs().max() < tol * 10, (cl, dtype)
+            for a, e in zip(gs, gr):
+                assert (a.double() - e.double()).abs().max() < tol * 100, (cl, dtype)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_capability_build(capability):
+    """Each at::vec build of the kernels, as ATEN_CPU_CAPABILITY selects it (a machine without
+    the instructions runs the best build it has: ATen caps the capability there)."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", CAPABILITY_SCRIPT], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    picked, ok = out.stdout.split()
+    supported = torch.backends.cpu.get_cpu_capability()
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    expected = order[min(order.index(capability.upper()), order.index(supported))] \
+        if supported in order else "DEFAULT"
+    assert picked == expected and ok == "ok"
+
+
+# ------------------------------------------------------------------- folded CPU inference
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_folded_cpu_inference_matches_plain_and_keeps_nan(channels_last):
+    """Eval under no_grad: oneDNN's convolution with the folded weights prepacked (bias and
+    residual in its epilogue, ReLU in place) gives the plain model's result, NaN exactly where
+    the plain model has it, and repacks when the input shape or the weights change."""
+    from fastres.nn import conv_bn as cb
+
+    torch.manual_seed(0)
+    fused = fastres.models.resnet20().eval()
+    for m in fused.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_(1, 0.3)
+            m.bias.data.normal_(0, 0.3)
+    plain = fastres.models.resnet20(fused=False).eval()
+    plain.load_state_dict(fused.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fused, plain = fused.to(memory_format=fmt), plain.to(memory_format=fmt)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=fmt)
+    x[1, 0, 5, 5] = float("nan")
+    x[2, 1, 9, 9] = float("inf")
+    with torch.no_grad():
+        a, b = fused(x), plain(x)
+        assert fused.layer1[0].bn2 in cb._PACKED  # the oneDNN path ran
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+        assert torch.equal(a.isnan(), b.isnan())
+        x2 = torch.randn(3, 3, 32, 32).contiguous(memory_format=fmt)  # another batch size
+        torch.testing.assert_close(fused(x2), plain(x2), rtol=1e-4, atol=1e-5)
+        for model in (fused, plain):  # new weights are seen
+            model.layer2[1].conv1.weight.mul_(-1.5)
+            model.layer3[0].bn1.running_var.mul_(3.0)
+        torch.testing.assert_close(fused(x2), plain(x2), rtol=1e-4, atol=1e-5)
+
+
+def test_folded_cpu_inference_model_copies_and_pickles(tmp_path):
+    """The packed oneDNN weights live beside the modules: deepcopy and torch.save of a model that
+    ran inference work, and the copy computes the same."""
+    import copy
+
+    model = fastres.models.resnet20().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+        clone = copy.deepcopy(model)
+        torch.save(model, tmp_path / "m.pt")
+        loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+        torch.testing.assert_close(clone(x), y)
+        torch.testing.assert_close(loaded(x), y)

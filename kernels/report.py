@@ -10,8 +10,10 @@ GPU.
    backend "triton", channels-last), cuDNN convolutions with the Triton BatchNorm kernels in
    channels-last, and the same in NCHW. The Triton operators' Python bodies run on the meta
    tensors, so their launchers make exactly the decisions they make on a GPU (block sizes,
-   splits, flags), and every launch is recorded (kernels.launch) instead of run. An autotuned
-   kernel contributes one launch per config of its autotune list. Dtypes: bf16 and fp32 by
+   splits, flags), and every launch is recorded (kernels.launch) instead of run, once per
+   target arch for launchers that choose per GPU generation (the convolutions use tensor
+   descriptors, TMA, on sm_90 only). An autotuned kernel contributes one launch per config of
+   its autotune list. Dtypes: bf16 and fp32 by
    default (the fp32 run covers the BatchNorm kernels; the fp32/TF32 Triton convolutions, an
    opt-in at run time, with ``--fp32-conv``); ``--dtypes bf16,fp16,fp32`` adds fp16.
 2. **Compile.** Each distinct launch is specialised as Triton's JIT would specialise it
@@ -36,6 +38,7 @@ follows what fastres would launch.
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -353,6 +356,16 @@ def _attr_name(module: str, kernel) -> str:
     raise ReportError(f"kernel {kernel!r} is not a module-level name of {module}")
 
 
+@contextlib.contextmanager
+def _target(arch: str):
+    """Meta-device launches inside the block choose as on a GPU of `arch`."""
+    from . import conv
+
+    capability = ARCHS[arch]
+    with conv.meta_target((capability // 10, capability % 10)):
+        yield
+
+
 def collect_launches(archs: Sequence[str], models: Sequence[str] = MODELS,
                      dtypes: Sequence[str] = DEFAULT_DTYPES, batch: int = 256, size: int = 224,
                      kernels: Optional[Sequence[str]] = None,
@@ -368,12 +381,15 @@ def collect_launches(archs: Sequence[str], models: Sequence[str] = MODELS,
             for path, conv, channels_last in PATHS:
                 if dtype == "fp32" and conv == "triton" and not fp32_conv:
                     continue
-                for phase, launch in run_workload(model, dtype, conv, channels_last, batch,
-                                                  size):
-                    if kernels and not any(k in launch.name for k in kernels):
-                        continue
-                    workload = f"{model} {dtype} {path} {phase}"
-                    for arch in archs:
+                for arch in archs:
+                    # launchers that choose per GPU generation (the convolutions' tensor
+                    # descriptors on sm_90) see this arch
+                    with _target(arch):
+                        launches = run_workload(model, dtype, conv, channels_last, batch, size)
+                    for phase, launch in launches:
+                        if kernels and not any(k in launch.name for k in kernels):
+                            continue
+                        workload = f"{model} {dtype} {path} {phase}"
                         for spec in specs_of_launch(launch, arch, workload):
                             key = spec.key(int_variants)
                             seen = merged.get(key)

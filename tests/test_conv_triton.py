@@ -252,6 +252,219 @@ def test_weight_gradient_split_over_pixel_ranges(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Kernel variants: every autotune config, taps folded into K, int64 offsets
+# ---------------------------------------------------------------------------------------------
+def _launched(fn):
+    """(result of fn(), the Triton launches it made)."""
+    from fastres.kernels.launch import record_launches
+
+    with record_launches(passthrough=True) as launches:
+        result = fn()
+    return result, launches
+
+
+def _all_passes(shape, dtype=torch.float32):
+    """Forward (prologue + statistics), data and weight gradients (with the prologue), and the
+    inference epilogue (bias + residual + ReLU), straight from the kernels."""
+    _, cin, _, _, cout, k, s, p = shape
+    x, w, _, _ = make_case(shape, dtype)
+    x, w = cl(x.to(dtype)), cl(w.to(dtype))
+    g = torch.Generator().manual_seed(11)
+    scale = (torch.rand(cin, generator=g) + 0.5).to(DEVICE)
+    shift = torch.randn(cin, generator=g).to(DEVICE)
+    mean = torch.randn(cin, generator=g).to(DEVICE)
+    out, smean, svar = K.conv_forward(x, w, s, p, in_scale=scale, in_shift=shift, stats=True)
+    go = cl(torch.randn(out.shape, generator=g).to(DEVICE, dtype))
+    bias = torch.randn(cout, generator=g).to(DEVICE)
+    res = cl(torch.randn(out.shape, generator=g).to(DEVICE, dtype))
+    inf, _, _ = K.conv_forward(x, w, s, p, bias=bias, residual=res, relu=True)
+    gx, psg, psgx = K.conv_dgrad(go, w, x, s, p, scale, shift, mean)
+    gw = K.conv_wgrad(go, x, w.shape, s, p, scale, shift)
+    return dict(out=out, mean=smean, var=svar, inference=inf, grad_x=gx, psg=psg, psgx=psgx,
+                grad_w=gw)
+
+
+def _reference_passes(shape, dtype=torch.float32):
+    """The same quantities from PyTorch in float64 (psg/psgx summed over all pixels)."""
+    _, cin, _, _, cout, k, s, p = shape
+    x, w, _, _ = make_case(shape, dtype)
+    x, w = x.to(dtype).double(), w.to(dtype).double()
+    g = torch.Generator().manual_seed(11)
+    scale = (torch.rand(cin, generator=g) + 0.5).to(DEVICE).double().view(1, -1, 1, 1)
+    shift = torch.randn(cin, generator=g).to(DEVICE).double().view(1, -1, 1, 1)
+    mean = torch.randn(cin, generator=g).to(DEVICE).double()
+    pre = (x * scale + shift).to(dtype).double()  # the prologue rounds act to x's dtype
+    act = torch.relu(pre).requires_grad_()
+    wr = w.clone().requires_grad_()
+    out = F.conv2d(act, wr, None, s, p)
+    go = torch.randn(out.shape, generator=g).to(DEVICE, dtype).double()
+    bias = torch.randn(cout, generator=g).to(DEVICE)
+    res = torch.randn(out.shape, generator=g).to(DEVICE, dtype).double()
+    out.backward(go)
+    gx = torch.where(pre <= 0, 0.0, act.grad)
+    return dict(out=out.detach(), mean=out.detach().mean((0, 2, 3)),
+                var=out.detach().var((0, 2, 3), unbiased=False),
+                inference=torch.relu(F.conv2d(x, w, bias.double(), s, p) + res), grad_x=gx,
+                psg=gx.sum((0, 2, 3)), psgx=(gx * (x - mean.view(1, -1, 1, 1))).sum((0, 2, 3)),
+                grad_w=wr.grad)
+
+
+def _check_passes(got, ref, what, dtype=torch.float32):
+    for key, r in ref.items():
+        a = got[key]
+        if key in ("psg", "psgx"):
+            a = a.sum(0)  # per-tile partials
+        if dtype == torch.float32:
+            tol = dict(rtol=1e-4, atol=1e-4)
+        else:  # fp16 outputs and gradients: a few units of fp16 rounding of the largest value
+            tol = dict(rtol=1e-2, atol=4e-3 * r.abs().max().item() + 1e-3)
+        torch.testing.assert_close(a.double(), r, msg=f"{what}: {key}", **tol)
+
+
+CONFIG_SHAPES = [(2, 20, 9, 9, 24, 3, 1, 1), (2, 24, 10, 9, 20, 3, 2, 1),
+                 (3, 40, 8, 8, 72, 1, 1, 0), (2, 3, 15, 13, 10, 7, 2, 3)]
+# (module attribute, its autotune list, the dtype it runs): the fp16/bf16 autotuners run fp16
+# here (bfloat16 cannot run under the interpreter), the fp32 ones fp32
+TUNERS = [("_conv_fwd_kernel", "_FWD_SPACE", torch.float16),
+          ("_conv_dgrad_kernel", "_DGRAD_SPACE", torch.float16),
+          ("_conv_wgrad_kernel", "_WGRAD_SPACE", torch.float16),
+          ("_conv_fwd_fold_kernel", "_FOLD_SPACE", torch.float16),
+          ("_conv_fwd_fold_kernel", "_FOLD_SPACE", torch.float32),
+          ("_conv_fwd_kernel_fp32", "_FP32_SPACE", torch.float32),
+          ("_conv_dgrad_kernel_fp32", "_FP32_SPACE", torch.float32),
+          ("_conv_wgrad_kernel_fp32", "_FP32_SPACE", torch.float32)]
+
+
+@pytest.mark.parametrize("attr,space,dtype", TUNERS, ids=[f"{a}-{d}" for a, _, d in TUNERS])
+def test_every_autotune_config_computes_the_same(attr, space, dtype, monkeypatch):
+    """Each (BLOCK_N, BLOCK_K) of the shipped autotune lists, not only the interpreter's
+    default, on shapes with channels that do not divide the tiles (warps and stages do not
+    change the interpreter's result; tests/test_gpu_conv.py runs every config on a GPU)."""
+    import triton
+
+    tuner = getattr(K, attr)
+    shapes = CONFIG_SHAPES[3:] if "fold" in attr else CONFIG_SHAPES[:3]
+    done = set()
+    for n, k, warps, stages in getattr(K, space):
+        if (n, k) in done:
+            continue
+        done.add((n, k))
+        cfg = triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+        one = triton.autotune([cfg], key=tuner.keys)(tuner.fn)
+        for shape in shapes:
+            with monkeypatch.context() as m:
+                m.setattr(K, attr, one)
+                got, launches = _launched(lambda: _all_passes(shape, dtype))
+            assert any(launch.kernel is one for launch in launches), (attr, n, k)
+            _check_passes(got, _reference_passes(shape, dtype), f"{attr} {(n, k)} {shape}",
+                          dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3], SHAPES[4]],
+                         ids=["3x3s1-odd", "3x3s2", "7x7s2-stem"])
+def test_taps_folded_into_k_and_tap_loop_agree(shape, dtype, monkeypatch):
+    """Few input channels (the stem) run the folded kernel (K = kh*kw*cin padded once); the
+    per-tap kernel gives the same numbers, and both match float64 PyTorch."""
+    got, launches = _launched(lambda: _all_passes(shape, dtype))
+    names = [launch.name for launch in launches]
+    assert "_conv_fwd_fold_kernel" in names and "_conv_fwd_kernel" not in names
+    monkeypatch.setattr(K, "_FOLD_MAX_CIN", 0)
+    unfolded, launches = _launched(lambda: _all_passes(shape, dtype))
+    names = [launch.name for launch in launches]
+    assert "_conv_fwd_kernel" in names and "_conv_fwd_fold_kernel" not in names
+    ref = _reference_passes(shape, dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for key, r in ref.items():
+        a, b = got[key], unfolded[key]
+        if key in ("psg", "psgx"):
+            a, b = a.sum(0), b.sum(0)
+        torch.testing.assert_close(a.double(), r, msg=f"folded {key}", **tol)
+        torch.testing.assert_close(b.double(), r, msg=f"per tap {key}", **tol)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[5]],
+                         ids=["1x1s1", "1x1s2", "3x3s2", "7x7s2-stem", "3x3-multitile"])
+def test_int64_offsets_give_the_int32_results(shape, monkeypatch):
+    """Tensors of 2**31 elements or more switch every kernel to int64 offsets (INT64=True);
+    forced on small tensors, that path gives bit for bit the int32 path's results."""
+    small, _ = _launched(lambda: _all_passes(shape))
+    from fastres.kernels.launch import record_launches
+
+    monkeypatch.setattr(K, "_INT32_MAX", 0)
+    with record_launches(passthrough=True) as launches:
+        wide = _all_passes(shape)
+    conv = [launch for launch in launches if launch.name.startswith("_conv_")]
+    assert len(conv) == 4 and all(launch.kwargs["INT64"] for launch in conv)
+    for key, a in small.items():
+        torch.testing.assert_close(wide[key], a, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 4])
+def test_tensor_descriptor_path_of_1x1_layers(dtype, splits, monkeypatch):
+    """sm_90 runs 1x1 stride-1 layers (activations are [pixels, channels] matrices) on tensor
+    descriptors (TMA): forced on under the interpreter, which zero-fills out-of-range tiles as
+    TMA does, forward, data and weight gradients (over several pixel splits) match float64 and
+    the pointer path; NaN and inf in grad_output stay where they belong."""
+    shape = (3, 16, 9, 9, 24, 1, 1, 0)  # 243 pixels: two row tiles, the second one ragged
+    monkeypatch.setattr(K, "_WGRAD_ROWS_PER_SPLIT", 243 // splits)
+    pointer, launches = _launched(lambda: _all_passes(shape, dtype))
+    assert not any(launch.kwargs.get("TMA") for launch in launches)
+    monkeypatch.setattr(K, "_TMA_ON_CPU", True)
+    tma, launches = _launched(lambda: _all_passes(shape, dtype))
+    conv = [launch for launch in launches if launch.name.startswith("_conv_")]
+    assert len(conv) == 4 and all(launch.kwargs["TMA"] for launch in conv)
+    wgrad = next(launch for launch in conv if launch.name == "_conv_wgrad_kernel")
+    assert wgrad.grid({"BLOCK_N": 16})[1] == splits  # pixel splits
+    assert wgrad.args[12] % 16 == 0  # ROWS_PER_SPLIT: whole K steps
+    ref = _reference_passes(shape, dtype)
+    _check_passes(tma, ref, "TMA", dtype)
+    _check_passes(pointer, ref, "pointers", dtype)
+    # non-finite gradients: positions as in PyTorch
+    x, w, _, _ = make_case(shape, dtype)
+    x, w = cl(x.to(dtype)), cl(w.to(dtype))
+    go = torch.randn(3, 24, 9, 9, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    go[1, 3, 4, 4] = float("inf")
+    go[2, 5, 8, 8] = float("nan")
+    gx, _, _ = K.conv_dgrad(cl(go), w, x, 1, 0)
+    gw = K.conv_wgrad(cl(go), x, w.shape, 1, 0)
+    ref_gx = torch.nn.grad.conv2d_input(x.shape, w.double(), go.double(), 1, 0)
+    ref_gw = torch.nn.grad.conv2d_weight(x.double(), w.shape, go.double(), 1, 0)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)
+    for got, want, name in ((gx, ref_gx, "grad_x"), (gw, ref_gw, "grad_w")):
+        assert torch.equal(got.isnan(), want.isnan()), name
+        assert torch.equal(got.isinf(), want.isinf()), name
+        torch.testing.assert_close(got.double(), want, equal_nan=True, msg=name, **tol)
+
+
+def test_tensor_descriptors_need_sm90_and_16_byte_rows(monkeypatch):
+    cl4 = dict(device="meta", memory_format=CL)
+    g = K.ConvGeometry((256, 64, 56, 56), (256, 64, 1, 1), 1, 0)
+    x = torch.empty(256, 64, 56, 56, dtype=torch.bfloat16, **cl4)
+    w = torch.empty(256, 64, 1, 1, dtype=torch.bfloat16, **cl4)
+    assert not K._tma(g, x, w)  # meta tensors with no target: no TMA
+    with K.meta_target((9, 0)):
+        assert K._tma(g, x, w)
+        monkeypatch.setenv("FASTRES_CONV_TMA", "0")
+        assert not K._tma(g, x, w)
+        monkeypatch.delenv("FASTRES_CONV_TMA")
+        odd = torch.empty(256, 60, 56, 56, dtype=torch.bfloat16, **cl4)  # 120-byte rows
+        assert not K._tma(K.ConvGeometry(odd.shape, (256, 60, 1, 1), 1, 0), odd, w)
+        assert not K._tma(K.ConvGeometry(x.shape, (64, 64, 3, 3), 1, 1), x, w)  # 3x3
+        assert not K._tma(K.ConvGeometry(x.shape, (256, 64, 1, 1), 2, 0), x, w)  # stride 2
+    with K.meta_target((8, 0)):
+        assert not K._tma(g, x, w)
+
+
+def test_int64_is_chosen_from_the_tensor_sizes():
+    g = K.ConvGeometry((256, 64, 56, 56), (64, 64, 3, 3), 1, 1)
+    assert not K._int64(g, 256 * 64 * 56 * 56)
+    assert K._int64(g, 2 ** 31)
+    assert K._int64(g, 2 ** 31 - 1000)  # a padded window reaches past the end
+
+
+# ---------------------------------------------------------------------------------------------
 # Operator registration
 # ---------------------------------------------------------------------------------------------
 def test_opcheck_forward_and_backward_ops():

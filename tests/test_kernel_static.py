@@ -240,8 +240,8 @@ def test_report_agrees_with_a_separate_compile(report):
         sig = {{**{{p: "*bf16" for p in ptrs}}, **{{p: "*fp32" for p in f32}},
                **{{n: "i32" for n in ["M", "H", "W", "CIN", "P", "Q", "COUT"]}}}}
         flags = dict(KH=3, KW=3, STRIDE=1, PAD=1, PROLOGUE=True, PRO_RELU=True, HAS_BIAS=False,
-                     HAS_RES=False, RELU=False, STATS=True, IEEE=False, INT64=False, GROUP_M=8,
-                     BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+                     HAS_RES=False, RELU=False, STATS=True, IEEE=False, INT64=False, TMA=False,
+                     GROUP_M=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
         div = ptrs + f32 + {json.dumps(conv["specialisation"].split("16|")[1].split(","))}
         a = read(conv._conv_fwd_kernel, sig, flags, div, 90, 8, 3, maxnreg=conv._MAXNREG)
 

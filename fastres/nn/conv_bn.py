@@ -14,7 +14,10 @@ activation with CUDNN_NOT_PROPAGATE_NAN), so the convolution runs alone and the 
 BatchNorm (+ add) + ReLU kernel normalises its output with the running statistics (one pass
 over the output, NaN kept as ``torch.relu`` keeps it). In training with the conv backend
 "triton", the convolution emits the BatchNorm statistics from its epilogue
-(fastres.nn.conv_bn_chain). The folded weights are cached on the BatchNorm module and recomputed
+(fastres.nn.conv_bn_chain). On a CPU the fused blocks pick the layout of each convolution
+(``cpu_conv_layout``: channels-last, oneDNN's own, where it pays), whatever the model's input
+layout. The folded
+weights are cached on the BatchNorm module and recomputed
 whenever the convolution's or BatchNorm's parameters or buffers change (in-place updates,
 ``load_state_dict``, ``.to()``), so a model never runs on stale folded weights; under
 torch.compile they are recomputed inside the graph.
@@ -113,6 +116,7 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
         if residual is None:
             return batch_norm_relu(y, **args)
         return batch_norm_add_relu(y, residual.to(y.dtype), **args)
+    x = cpu_channels_last(x)
     if _onednn_ok(conv, x, residual):
         return _onednn_conv_bn_act(conv, bn, x, residual, relu)
     channels_last = x.dim() == 4 and not x.is_contiguous() and \
@@ -180,6 +184,41 @@ def _onednn_conv_bn_act(conv, bn, x, residual, relu):
     return torch.relu_(y) if relu else y
 
 
+_CPU_CHANNELS_LAST = os.environ.get("FASTRES_CPU_CHANNELS_LAST", "1") != "0"
+
+
+def _cpu_layout_ok(x: Tensor) -> bool:
+    return (_CPU_CHANNELS_LAST and x.device.type == "cpu" and x.dim() == 4
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled)
+
+
+def cpu_channels_last(x: Tensor) -> Tensor:
+    """`x` channels-last for a convolution on the CPU (oneDNN's own layout, where NCHW costs
+    reorders of the input and the output of every call): the folded inference path, whose
+    prepacked convolution runs channels-last anyway. FASTRES_CPU_CHANNELS_LAST=0 keeps the
+    input's layout; under torch.compile Inductor picks the layouts."""
+    if _cpu_layout_ok(x) and not x.is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def cpu_conv_layout(x: Tensor, weight: Tensor) -> Tensor:
+    """The layout a fused block's convolution runs in on the CPU, in training: channels-last
+    (oneDNN's own: NCHW costs reorders of input, output and gradients, forward and backward)
+    where the weight is channels-last already or the activation is at least as large as the
+    weight; else NCHW, because channels-last activations with an NCHW weight make PyTorch copy
+    the weight to channels-last and its gradient back on every call (the deep layers of an
+    ImageNet ResNet at a small batch). An NCHW model thus runs its early, large layers
+    channels-last; a channels-last model (``model.to(memory_format=torch.channels_last)``) stays
+    channels-last throughout."""
+    if not _cpu_layout_ok(x):
+        return x
+    cl = weight.is_contiguous(memory_format=torch.channels_last) or x.numel() >= weight.numel()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return x if x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)
+
+
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
                 relu: bool = True, fused: bool = True) -> Tensor:
     """relu?(bn(conv(x)) + residual?), fused when `fused` (and folded in eval)."""
@@ -187,7 +226,7 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
         return folded_conv_bn_act(conv, bn, x, residual, relu)
     if fused and triton_conv_for(conv, bn, x, bn.training):
         return materialize(conv_bn_pending(conv, bn, x, relu, use_triton=True), residual)
-    y = conv(x)
+    y = conv(cpu_conv_layout(x, conv.weight) if fused else x)
     if residual is not None and residual.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
         # autocast: the residual joins the low-precision activations (as the next conv would)
         residual = residual.to(y.dtype)

@@ -3,11 +3,10 @@
 
 Sizes follow the device: on a GPU the real ones (batch 256, every BatchNorm shape of
 ResNet-50, ResNet-18/50/152 at 224 px, torch.compile baselines); on a CPU small ones, so the
-whole suite finishes in a few minutes (CI runs it): the ops at batch 2 (NCHW and
-channels_last), ResNet-18 at 32 px, and of the CPU configurations of
-fastres.bench.model_benchmark.CPU_SUITE (fused vs plain PyTorch) resnet20 at batch 64;
-FASTRES_BENCH_CPU_SUITE=1 adds the others (resnet18 16 @ 112 px, resnet50 8 @ 112 px, a few
-minutes more). FASTRES_BENCH_MODELS=resnet50,... picks the models of the model-level
+whole suite finishes in about a minute (CI runs it): the ops at batch 2 (NCHW and
+channels_last), ResNet-18 at 32 px; FASTRES_BENCH_CPU_SUITE=1 adds the CPU configurations of
+fastres.bench.model_benchmark.CPU_SUITE (resnet20 at batch 64, resnet18 16 @ 112 px, resnet50
+8 @ 112 px; fused vs plain PyTorch vs torchvision), a few minutes more. FASTRES_BENCH_MODELS=resnet50,... picks the models of the model-level
 benchmarks.
 
 Every benchmark times its step twice: with CUDA events (median of single calls after warm-up,

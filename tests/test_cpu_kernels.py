@@ -253,6 +253,31 @@ def test_folded_cpu_inference_matches_plain_and_keeps_nan(channels_last):
         torch.testing.assert_close(fused(x2), plain(x2), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (2, 1), (3, 3)], ids=["1x1", "2x1", "3x3"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_folded_cpu_inference_residual_at_small_outputs(hw, channels_last):
+    """A bottleneck's last convolution with the residual, at the output sizes of a ResNet-50's
+    last stage on small images (torch 2.11's oneDNN binary op cannot take a 1x1 output): the
+    folded result is the plain block's, NaN included."""
+    from fastres.nn import conv_bn as cb
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 40, 1, bias=False)
+    bn = torch.nn.BatchNorm2d(40).eval()
+    bn.running_mean.normal_(0, 0.3)
+    bn.running_var.uniform_(0.5, 2.0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 24, *hw).contiguous(memory_format=fmt)
+    r = torch.randn(3, 40, *hw).contiguous(memory_format=fmt)
+    r[1, 2, 0, 0] = float("nan")
+    with torch.no_grad():
+        got = cb.conv_bn_act(conv, bn, x, r, relu=True)
+        assert bn in cb._PACKED  # the oneDNN path ran
+        want = torch.relu(bn(conv(x)) + r)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert torch.equal(got.isnan(), want.isnan())
+
+
 def test_folded_cpu_inference_model_copies_and_pickles(tmp_path):
     """The packed oneDNN weights live beside the modules: deepcopy and torch.save of a model that
     ran inference work, and the copy computes the same."""

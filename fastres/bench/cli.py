@@ -69,7 +69,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench_results",
                    help="directory for results.md, results.json, results.png (default %(default)s)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG chart")
+    g = p.add_argument_group("data benchmark (fastres.bench.data_benchmark)")
+    g.add_argument("--data", default=None, metavar="imagefolder:PATH",
+                   help="measure the input pipeline (alone and feeding a training step) instead "
+                        "of models; a folder: python -m fastres.data.make_imagefolder PATH")
+    g.add_argument("--data-backend", default="gpu",
+                   help="with --data: comma-separated backends among reference, cpu, gpu, dali "
+                        "(default gpu; on a CPU device use e.g. reference,cpu)")
+    g.add_argument("--workers", type=int, default=0, help="with --data: DataLoader workers")
+    g.add_argument("--threads", type=int, default=None,
+                   help="with --data: torch threads of the main process (per-core numbers: 1)")
+    g.add_argument("--data-batches", type=int, default=None,
+                   help="with --data: batches per round (default 20 GPU, 4 CPU); --iters is "
+                        "the number of rounds, --warmup the warm-up batches")
     args = p.parse_args(argv)
+    if args.data is not None:
+        return _data_args(p, args)
 
     if args.suite == "cpu":
         if args.device not in (None, "cpu"):
@@ -111,6 +126,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     unknown = [m for m in args.models if m.lower() not in fastres.models.list_models()]
     if unknown or not args.models:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(fastres.models.list_models())}")
+    return args
+
+
+def _data_args(p, args):
+    """Defaults and checks of ``--data`` (the data benchmark)."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    gpu = torch.device(args.device).type == "cuda"
+    if args.models is None:
+        args.models = "resnet50" if gpu else ""
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()][:1]
+    defaults = dict(batch_size=256 if gpu else 32, dtype="bf16" if gpu else "fp32",
+                    channels_last=True, warmup=2 if gpu else 1, iters=5 if gpu else 3,
+                    data_batches=20 if gpu else 4)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.batch_size < 1 or args.iters < 1 or args.data_batches < 1 or args.workers < 0:
+        p.error("--batch-size, --iters and --data-batches must be >= 1, --workers >= 0")
+    import fastres.models
+    unknown = [m for m in args.models if m not in fastres.models.list_models()]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}")
     return args
 
 
@@ -173,6 +213,9 @@ def _cpu_suite(args, modes: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.data is not None:
+        from .data_benchmark import main_data
+        return main_data(args)
     modes = ["train", "infer"] if args.mode == "both" else [args.mode]
     if args.suite == "cpu":
         return _cpu_suite(args, modes)

@@ -129,6 +129,36 @@ def _build_data(args):
         raise UsageError(f"--data {args.data!r}: {e}") from None
 
 
+def _data_backend(args, data, device) -> str:
+    """--data-backend resolved for this data set and device (fastres.data.loaders)."""
+    from fastres.data.loaders import resolve_data_backend
+    try:
+        return resolve_data_backend(getattr(args, "data_backend", "auto") or "auto",
+                                    data.train, device)
+    except (ValueError, ImportError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _pipeline_loaders(args, data, backend, device, batch, sampler, gen, drop_last, distributed,
+                      rank, world, main):
+    """Train and validation loaders of the cpu / gpu / dali image-folder pipelines: batches
+    already on ``device``, in the model's input dtype, channels_last with --channels-last."""
+    from fastres.data.loaders import make_loader
+    amp = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    val_sampler = None
+    if distributed:
+        val_sampler = list(range(rank, len(data.val), world))
+    common = dict(num_workers=args.workers, out_dtype=amp, channels_last=args.channels_last,
+                  seed=args.seed, shard_id=rank, num_shards=world,
+                  log=lambda msg: _log(main, msg))
+    train = make_loader(data.train, backend, batch, device, mode="train", sampler=sampler,
+                        drop_last=drop_last, generator=gen, **common)
+    val = make_loader(data.val, backend, max(batch, 1), device, mode="center",
+                      sampler=val_sampler, **common)
+    _log(main, f"data backend: {backend} ({args.workers} workers)")
+    return train, val
+
+
 def _log(main: bool, *msg):
     if main:
         print(*msg, flush=True)
@@ -200,14 +230,20 @@ def _train(args, data, device, world, rank, main, distributed) -> Dict[str, Any]
         raise UsageError(f"the training set of --data {args.data!r} is empty")
     drop_last = n_train >= batch
     pin = device.type == "cuda"
-    train_loader = DataLoader(data.train, batch_size=batch, sampler=sampler,
-                              num_workers=args.workers, pin_memory=pin, drop_last=drop_last,
-                              generator=gen, persistent_workers=False)
-    val_set = data.val
-    if distributed:
-        val_set = Subset(val_set, list(range(rank, len(val_set), world)))
-    val_loader = DataLoader(val_set, batch_size=max(batch, 1), shuffle=False,
-                            num_workers=args.workers, pin_memory=pin)
+    data_backend = _data_backend(args, data, device)
+    if data_backend == "reference":
+        train_loader = DataLoader(data.train, batch_size=batch, sampler=sampler,
+                                  num_workers=args.workers, pin_memory=pin,
+                                  drop_last=drop_last, generator=gen, persistent_workers=False)
+        val_set = data.val
+        if distributed:
+            val_set = Subset(val_set, list(range(rank, len(val_set), world)))
+        val_loader = DataLoader(val_set, batch_size=max(batch, 1), shuffle=False,
+                                num_workers=args.workers, pin_memory=pin)
+    else:
+        train_loader, val_loader = _pipeline_loaders(args, data, data_backend, device, batch,
+                                                     sampler, gen, drop_last, distributed,
+                                                     rank, world, main)
     steps_per_epoch = len(train_loader)
     if args.iterations:
         total_iters = int(args.iterations)
@@ -385,6 +421,11 @@ def _train(args, data, device, world, rank, main, distributed) -> Dict[str, Any]
                 bar.update(1)
         bar.close()
         train_time = time.time() - t0
+        if main and hasattr(train_loader, "stats"):
+            ds = train_loader.stats()
+            if ds.get("fallback") or ds.get("skipped") or ds.get("pipeline_peak_bytes"):
+                print("data pipeline: " + ", ".join(f"{k} {v}" for k, v in ds.items()),
+                      flush=True)
         tr_loss = stats[0].item() / max(1.0, stats[2].item())
         tr_err = stats[1].item() / max(1.0, stats[2].item())
         v = evaluate(eval_net, val_loader, device, amp_dtype, args.channels_last)

@@ -20,6 +20,7 @@ from . import nn
 from . import models
 from .nn import convert_sync_batchnorm
 from .fuse import fuse, unfuse  # the function shadows the module name (fastres.fuse)
+from .export import export_onnx, keep_fused_ops
 
 __all__ = [
     "__version__",
@@ -28,11 +29,13 @@ __all__ = [
     "build_info",
     "conv_backend",
     "convert_sync_batchnorm",
+    "export_onnx",
     "functional",
     "fuse",
     "models",
     "get_backend",
     "get_conv_backend",
+    "keep_fused_ops",
     "nn",
     "ops",
     "set_backend",

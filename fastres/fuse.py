@@ -57,7 +57,7 @@ from torch.nn.utils import parametrize
 from .nn.batch_norm import BatchNormAct2d, BatchNormAddReLU2d, BatchNormReLU2d
 from .nn.blocks import BasicBlock, Bottleneck
 
-__all__ = ["FuseReport", "FusedReLU", "UnfuseReport", "fuse", "unfuse"]
+__all__ = ["FuseReport", "FusedReLU", "UnfuseReport", "count_fused_batch_norms", "fuse", "unfuse"]
 
 _FASTRES_BLOCKS = (BasicBlock, Bottleneck)
 _FASTRES_BN = (nn.BatchNorm2d, BatchNormAct2d, BatchNormReLU2d, BatchNormAddReLU2d)
@@ -88,9 +88,11 @@ class FuseReport:
 
     fused: List[Tuple[str, str]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    fused_bn: int = 0  # BatchNorms of the returned model that run fused with their ReLU
 
     def __str__(self) -> str:
-        return _format("fused", self.fused, self.skipped)
+        return (_format("fused", self.fused, self.skipped)
+                + f"\n{self.fused_bn} BatchNorm(s) of the model run fused with their ReLU")
 
 
 @dataclass
@@ -440,13 +442,56 @@ def _unfused_batch_norms(model: nn.Module, ctx: _Pass) -> List[Tuple[str, str]]:
     return skipped
 
 
-def fuse(model: nn.Module, inplace: bool = True, *, report: bool = False, warn: bool = True):
+def _fuse_by_pattern(model: nn.Module, ctx: _Pass) -> None:
+    """The fx pass (fastres._fuse_fx): every module holding an nn.BatchNorm2d child that the
+    class rules above did not convert is traced, its children as leaves, and its BatchNorm ->
+    ReLU and BatchNorm -> add -> ReLU patterns are fused."""
+    from . import _fuse_fx
+
+    def replaceable(m, name, relu=False):
+        try:
+            ctx.replaceable(m, f"the {'ReLU' if relu else 'BatchNorm'} '{name}'")
+        except _Skip as e:
+            return str(e)
+        return None
+
+    tv = _torchvision_resnet()
+    # torchvision's own ResNet / BasicBlock / Bottleneck (exactly those classes) belong to the
+    # class rules: one left there (hooks, ...) is finished by a later fuse() once it can be
+    own = (tv.ResNet, tv.BasicBlock, tv.Bottleneck) if tv is not None else ()
+    for qname, module in list(model.named_modules()):
+        if isinstance(module, _BatchNorm) or _is_plain_sequential(module) or \
+                _is_fastres_module(module) or type(module) in own or \
+                not any(type(c) is nn.BatchNorm2d for c in module.children()):
+            continue
+        fused, reasons, replaced = _fuse_fx.fuse_module(
+            module, qname, _HOOK_DICTS, replaceable, _convert_bn, FusedReLU, _join)
+        ctx.done += fused
+        ctx.replaced += replaced
+        for name, reason in reasons.items():
+            child = module._modules.get(name)
+            if child is not None:
+                ctx.reasons[id(child)] = reason
+
+
+def count_fused_batch_norms(model: nn.Module) -> int:
+    """How many BatchNorms of `model` run fused with their ReLU (BatchNormReLU2d /
+    BatchNormAddReLU2d and their sync versions, in fused mode)."""
+    return sum(1 for m in model.modules()
+               if isinstance(m, BatchNormAct2d) and m.relu and m.fused)
+
+
+def fuse(model: nn.Module, inplace: bool = True, *, report: bool = False, warn: bool = True,
+         fx: bool = True):
     """Convert a torchvision ResNet, or any model built from torchvision's BasicBlock /
     Bottleneck and conv-BN-ReLU ``nn.Sequential``s, to fastres' fused modules.
 
     inplace: convert `model` itself (default) or a deep copy of it.
     report: also return a :class:`FuseReport`: ``fuse(model, report=True) -> (model, report)``.
     warn: emit one ``UserWarning`` naming every BatchNorm left unfused, and why.
+    fx: also fuse by pattern in the torch.fx graphs of modules the class rules do not know
+    (timm's ResNets and the like; see ``fastres._fuse_fx``); ``fx=False`` keeps to the class
+    rules.
 
     Returns the converted model: `model` itself (or its copy), except when the model *is* a
     torchvision block, which is replaced by a new fastres block. See the module docstring for
@@ -460,7 +505,10 @@ def fuse(model: nn.Module, inplace: bool = True, *, report: bool = False, warn: 
     if new_root is not None:
         model = new_root
     _fuse_tree(model, "", ctx)
-    result = FuseReport(fused=ctx.done, skipped=_unfused_batch_norms(model, ctx))
+    if fx:
+        _fuse_by_pattern(model, ctx)
+    result = FuseReport(fused=ctx.done, skipped=_unfused_batch_norms(model, ctx),
+                        fused_bn=count_fused_batch_norms(model))
     if warn and result.skipped:
         warnings.warn(f"fastres.fuse: {len(result.skipped)} BatchNorm module(s) left unfused "
                       f"(semantics unchanged):\n"
@@ -565,6 +613,21 @@ def _remaining_fastres_modules(model: nn.Module, ctx: _Pass) -> List[Tuple[str, 
     return skipped
 
 
+def _unfuse_by_pattern(model: nn.Module, ctx: _Pass) -> None:
+    """Undo the fx pass: the modules fuse() rewrote get their class's forward, nn.BatchNorm2d
+    and nn.ReLU children back (the same tensors)."""
+    from . import _fuse_fx
+
+    for qname, module in list(model.named_modules()):
+        if _fuse_fx.RECORD not in module.__dict__:
+            continue
+        before = {name: m for name, m in module.named_children()}
+        for name in _fuse_fx.unfuse_module(module, _convert_bn):
+            ctx.replaced.append(before[name])
+            ctx.done.append((_join(qname, name), f"{type(before[name]).__name__} -> BatchNorm2d "
+                                                 f"(fx fusion of {type(module).__name__} undone)"))
+
+
 def unfuse(model: nn.Module, inplace: bool = True, *, report: bool = False, warn: bool = True):
     """The inverse of :func:`fuse`: fastres BasicBlock/Bottleneck -> torchvision's (same
     tensors), BatchNormReLU2d + FusedReLU -> nn.BatchNorm2d + nn.ReLU.
@@ -578,6 +641,7 @@ def unfuse(model: nn.Module, inplace: bool = True, *, report: bool = False, warn
     if not inplace:
         model = copy.deepcopy(model)
     ctx = _Pass(model)
+    _unfuse_by_pattern(model, ctx)
     new_root = _unfuse_child(model, "", ctx)
     if new_root is not None:
         model = new_root

@@ -24,6 +24,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """How many cases the differential fuzzer (tests/test_fuzz.py) ran, per op and backend."""
     import sys
 
+    fuse_models = sys.modules.get("test_fuse_models")
+    if fuse_models is not None and fuse_models.FUSED_COUNTS:
+        terminalreporter.section("fastres fuse: BatchNorms fused per model")
+        for model, (fused, total) in sorted(fuse_models.FUSED_COUNTS.items()):
+            terminalreporter.write_line(f"{model}: {fused} of {total} BatchNorm2d fused")
     fuzzing = sys.modules.get("fuzzing")
     if fuzzing is None or not fuzzing.SUMMARY:
         return

@@ -19,6 +19,7 @@ from .cifar import (CifarResNet, plain20, plain32, plain44, plain56, plain110, r
                     resnet32, resnet44, resnet56, resnet110, resnet1202)
 from .resnet import (ResNet, plain18, plain34, plain50, plain101, plain152, resnet18, resnet34,
                      resnet50, resnet101, resnet152)
+from .external import is_external, timm_model
 from .weights import load_weights
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {fn.__name__: fn for fn in (
@@ -44,7 +45,11 @@ def get_model_builder(name: str) -> Callable[..., nn.Module]:
 
 def get_model(name: str, **kwargs) -> nn.Module:
     """Build model `name` with keyword arguments `kwargs`, e.g.
-    ``get_model("resnet50", weights="ckpt.pt", fused=True)``."""
+    ``get_model("resnet50", weights="ckpt.pt", fused=True)``. ``"timm:NAME"`` builds timm's
+    model NAME (``pretrained=False``) and fuses it with ``fastres.fuse`` when ``fused``
+    (timm optional: see ``fastres.models.external``)."""
+    if is_external(name):
+        return timm_model(name, **kwargs)
     return get_model_builder(name)(**kwargs)
 
 

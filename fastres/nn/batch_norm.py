@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..export import exporting
 from ..functional import batch_norm_add_relu, batch_norm_relu
 
 __all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "BatchNormAct2d"]
@@ -63,7 +64,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def _forward(self, input: Tensor, residual) -> Tensor:
         self._check_input_dim(input)
         args = self._bn_arguments()
-        if not self.fused:
+        if not self.fused or exporting():
+            # exporters (ONNX, jit.trace, torch.export) get standard operators: fastres.export
             return _unfused(self, input, residual, args)
         counter = self._counter(args["training"])
         if not self.relu:

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..export import exporting
 from ..functional import batch_norm_add_relu, batch_norm_relu
 from ..ops.conv_bn import compute_dtype, conv_bn
 from .batch_norm import BatchNormAct2d, bn_arguments
@@ -226,6 +227,13 @@ def cpu_conv_layout(x: Tensor, weight: Tensor) -> Tensor:
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
                 relu: bool = True, fused: bool = True) -> Tensor:
     """relu?(bn(conv(x)) + residual?), fused when `fused` (and folded in eval)."""
+    if fused and exporting():
+        # exporters (ONNX, jit.trace, torch.export) get standard operators: conv, batch_norm,
+        # add, relu (see fastres.export)
+        y = nn.BatchNorm2d.forward(bn, conv(x))
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if relu else y
     if fused and can_fold(conv, bn):
         return folded_conv_bn_act(conv, bn, x, residual, relu)
     if fused and triton_conv_for(conv, bn, x, bn.training):

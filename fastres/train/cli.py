@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", choices=sorted(RECIPES), default="cifar",
                    help="hyper-parameter preset (default cifar)")
     g.add_argument("--model", default=None,
-                   help="any fastres.models.list_models() name (recipe default: resnet20 / "
+                   help="timm:NAME (a timm model, fused by fastres.fuse) or any "
+                        "fastres.models.list_models() name (recipe default: resnet20 / "
                         "resnet50)")
     g.add_argument("--fused", dest="fused", action="store_true", default=True,
                    help="fastres fused BatchNorm kernels (default)")
@@ -160,8 +161,15 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
         else:
             args.epochs, args.iterations = recipe["epochs"], recipe["iterations"]
     names = fastres.models.list_models()
-    if args.model not in names:
-        parser.error(f"unknown model {args.model!r}; choose one of: {', '.join(names)}")
+    if args.model.startswith("timm:"):
+        from fastres.models.external import check_timm_name
+        try:
+            check_timm_name(args.model)
+        except (ImportError, ValueError) as e:
+            parser.error(f"--model {args.model}: {e}")
+    elif args.model not in names:
+        parser.error(f"unknown model {args.model!r}; choose one of: {', '.join(names)} "
+                     f"(or timm:NAME, a timm model fused by fastres.fuse)")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     if args.workers is None:

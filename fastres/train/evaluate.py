@@ -20,7 +20,8 @@ def model_from_checkpoint(path: str, use_ema: bool = False, fused: Optional[bool
     ck = load_checkpoint(path)
     args = ck["args"]
     name = args.get("model")
-    if name not in fastres.models.list_models():
+    if not (isinstance(name, str) and name.startswith("timm:")) and \
+            name not in fastres.models.list_models():
         raise CheckpointError(f"checkpoint {path!r} names unknown model {name!r}")
     num_classes = int(ck.get("num_classes") or args.get("num_classes") or 0)
     if num_classes <= 0:

@@ -113,6 +113,7 @@ def _autocast(device, amp_dtype):
 # the run
 # ---------------------------------------------------------------------------------------------
 def _default_out(model_name: str) -> str:
+    model_name = model_name.replace(":", "-")  # timm:NAME
     return os.path.join("runs", f"{model_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
 
 

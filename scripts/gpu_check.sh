@@ -31,6 +31,7 @@
 # convolutions: GPU tests, per-layer benchmark, ResNet-50 with each conv backend), suite
 # (pytest benchmarks/ but test_bench_conv.py), train (synthetic run), demo, report (static
 # kernel report of the installed triton).
+# data (not in the default list: image-folder input pipeline, GPU data tests + data benchmark).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
@@ -172,6 +173,25 @@ stage_suite() {  # pytest-benchmark; FASTRES_BENCH_MODELS picks the model-level 
     --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/benchmarks.json" 2>&1 \
     | tail -60 > "$OUT/benchmarks.txt"
   return "${PIPESTATUS[0]}"
+}
+
+stage_data() {  # the input pipeline (issue 17) on a generated image folder of ImageNet-like
+  # JPEGs: GPU data tests, then python -m fastres.bench --data (gpu and cpu backends alone and
+  # feeding a ResNet-50 bf16 training step at batch 256, against synthetic data). Files:
+  # data_tests.log, data_bench/data_bench.{md,json}
+  local dir=${FASTRES_DATA_DIR:-/tmp/fastres_imagefolder} status=0
+  if [ ! -d "$dir/train" ]; then
+    $PY -m fastres.data.make_imagefolder "$dir" --classes 16 --train-per-class 160 \
+      --val-per-class 4 --size imagenet --jobs "$NPROC" || return 1
+  fi
+  bounded $PY -m pytest tests/test_gpu_data.py -q -rs -p no:cacheprovider \
+    > "$OUT/data_tests.log" 2>&1 || status=1
+  tail -3 "$OUT/data_tests.log"
+  bounded $PY -m fastres.bench --data "imagefolder:$dir" --data-backend gpu,cpu \
+    --workers $(( NPROC > 2 ? NPROC - 2 : 1 )) --iters 3 --data-batches 10 \
+    --out "$OUT/data_bench" 2>&1 | tail -8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  return "$status"
 }
 
 stage_train() {  # trainer throughput on synthetic ImageNet-size data (fused ResNet-50)

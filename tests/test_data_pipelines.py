@@ -405,7 +405,7 @@ def test_make_imagefolder(tmp_path, capsys):
         with Image.open(f) as im:
             assert im.format == "JPEG" and im.mode == "RGB" and im.size in IMAGENET_SIZES
     assert main([str(tmp_path / "b"), "--classes", "2", "--train-per-class", "3",
-                 "--val-per-class", "1", "--size", "imagenet", "--seed", "4"]) == 0
+                 "--val-per-class", "1", "--size", "imagenet", "--seed", "4", "--jobs", "2"]) == 0
     again = sorted((tmp_path / "b").rglob("*.JPEG"))
     assert [f.read_bytes() for f in files] == [f.read_bytes() for f in again]
     b = D.build_data(f"imagefolder:{tmp_path / 'a'}")

@@ -5,7 +5,9 @@
     python -m fastres.data.make_imagefolder PATH     # a folder to run it on, without ImageNet
 
 For each backend, side by side in one process (rounds interleaved so that a machine shared
-with other work slows every backend alike; the median round counts):
+with other work slows every backend alike; the median round counts; each round first takes,
+untimed, the batches that the backend's worker processes and prefetch thread prepared while
+the others were measured):
 
 * ``pipeline``: images/s of the input pipeline alone (batches ready on the device, the last
   one synchronised), training augmentation, ``--batch-size`` images per batch;
@@ -81,10 +83,13 @@ def run_data_benchmark(spec: str, backends: List[str], batch_size: int, device, 
     data = build_data(spec, recipe="imagenet")
     for b in backends:
         resolve_data_backend(b, data.train, device)
-    streams = {}
+    streams, drain = {}, {}
     for b in backends:
         loader = _loader(data.train, b, batch_size, device, workers, dtype, channels_last, seed)
         streams[b] = _cycle(lambda loader=loader: iter(loader))
+        # batches that worker processes and the gpu loader's thread prepare while another
+        # backend is measured: taken untimed at the start of each round
+        drain[b] = 2 * workers + (getattr(loader, "prefetch", 0) + 1 if b == "gpu" else 0)
     times: Dict[str, List[float]] = {b: [] for b in backends}
     counts: Dict[str, List[int]] = {b: [] for b in backends}
     for b in backends:  # warm-up: workers started, first batches, decoder initialised
@@ -95,6 +100,9 @@ def run_data_benchmark(spec: str, backends: List[str], batch_size: int, device, 
         for b in backends:
             if progress:
                 progress(f"pipeline {b}, round {r + 1}/{rounds}")
+            for _ in range(drain[b]):
+                next(streams[b])
+            _sync(device)
             n = 0
             t = time.perf_counter()
             for _ in range(batches):
@@ -111,12 +119,12 @@ def run_data_benchmark(spec: str, backends: List[str], batch_size: int, device, 
                      "pipeline_rounds": rates, "cores": cores,
                      "per_core_images_per_s": statistics.median(rates) / cores})
     if model:
-        _train_columns(rows, streams, model, batch_size, device, dtype, channels_last,
+        _train_columns(rows, streams, drain, model, batch_size, device, dtype, channels_last,
                        rounds, batches, progress)
     return rows
 
 
-def _train_columns(rows, streams, model_name, batch, device, dtype, channels_last, rounds,
+def _train_columns(rows, streams, drain, model_name, batch, device, dtype, channels_last, rounds,
                    batches, progress):
     import torch.nn.functional as F
 
@@ -152,6 +160,9 @@ def _train_columns(rows, streams, model_name, batch, device, dtype, channels_las
         synth.append(batch * batches / (time.perf_counter() - t))
         for row in rows:
             b = row["backend"]
+            for _ in range(drain[b]):
+                next(streams[b])
+            _sync(device)
             n = 0
             t = time.perf_counter()
             for _ in range(batches):

@@ -243,14 +243,16 @@ def finish_batch(x: torch.Tensor, alpha: Optional[torch.Tensor], mean: Optional[
     """The last, elementwise step of every backend: ``x * scale`` (uint8 0..255 -> [0, 1]),
     plus the lighting offset of each image's ``alpha`` [B, 3] (None: none), minus ``mean``
     [3, H, W]; cast to ``out_dtype``, channels_last when asked. ``x`` is [B, 3, H, W] in any
-    dtype and memory format (a [B, H, W, 3] uint8 batch permuted is channels_last already)."""
+    dtype and memory format (a [B, H, W, 3] uint8 batch permuted is channels_last already).
+    Works on the NHWC view, in place on one float32 copy (three passes)."""
     dev = x.device
-    y = x.to(torch.float32) * scale
+    y = x.permute(0, 2, 3, 1).to(torch.float32, copy=True)   # NHWC view, dense copy
+    y.mul_(scale)
     if alpha is not None:
-        off = lighting_offsets(alpha).to(dev, non_blocking=True)
-        y = y + off[:, :, None, None]
+        y.add_(lighting_offsets(alpha).to(dev, non_blocking=True)[:, None, None, :])
     if mean is not None:
-        y = y - mean.to(dev, torch.float32)
+        y.sub_(mean.to(dev, torch.float32).permute(1, 2, 0).contiguous())
+    y = y.permute(0, 3, 1, 2)
     if channels_last:
         return y.to(dtype=out_dtype, memory_format=torch.channels_last)
     return y.to(dtype=out_dtype).contiguous()

@@ -94,7 +94,7 @@ class FastImageFolderDataset(Dataset):
                 alpha = torch.randn(3) * self.alphastd
         if out.mode != "RGB":
             out = out.convert("RGB")
-        return torch.from_numpy(np.asarray(out).copy()), alpha
+        return torch.from_numpy(np.array(out)), alpha
 
     def __getitem__(self, i: int):
         n = len(self.samples)

@@ -3,12 +3,13 @@ the tests (no ImageNet needed):
 
     python -m fastres.data.make_imagefolder PATH [--classes 10] [--train-per-class 64]
         [--val-per-class 8] [--size 500x375 | --size imagenet] [--quality 90] [--seed 0]
+        [--jobs N]
 
 writes ``PATH/train/<class>/*.JPEG`` and ``PATH/val/<class>/*.JPEG``. The pictures are smooth
 random colour fields with some texture and a few shapes (so that they compress like photos:
 about 40-90 KB at 500x375, quality 90), sizes either fixed (``--size WxH``) or drawn from
 typical ImageNet sizes (``--size imagenet``: 500x375, 375x500, 500x333, 500x400, 640x480,
-400x300, 333x500, 800x600, 1024x768, 300x225). Deterministic for a seed.
+400x300, 333x500, 800x600, 1024x768, 300x225). Deterministic for a seed, whatever ``--jobs``.
 """
 from __future__ import annotations
 
@@ -61,29 +62,46 @@ def _parse_size(s: str) -> Optional[Tuple[int, int]]:
     return w, h
 
 
-def make_imagefolder(path: str, classes: int = 10, train_per_class: int = 64,
-                     val_per_class: int = 8, size: Optional[Tuple[int, int]] = (500, 375),
-                     quality: int = 90, seed: int = 0) -> List[str]:
-    """Write the folder (``size=None``: ImageNet-like sizes); returns the written files."""
+def _write_class(task) -> List[str]:
     from PIL import Image
 
+    path, split, split_id, c, per_class, size, quality, seed = task
+    rng = np.random.default_rng([seed, split_id, c])  # one stream per (split, class)
+    d = os.path.join(path, split, f"n{c:08d}")
+    os.makedirs(d, exist_ok=True)
+    files = []
+    for i in range(per_class):
+        if size is None:
+            w, h = IMAGENET_SIZES[rng.choice(len(IMAGENET_SIZES), p=_SIZE_WEIGHTS)]
+        else:
+            w, h = size
+        f = os.path.join(d, f"{split}_{c:04d}_{i:05d}.JPEG")
+        Image.fromarray(make_image(w, h, rng)).save(f, quality=quality)
+        files.append(f)
+    return files
+
+
+def make_imagefolder(path: str, classes: int = 10, train_per_class: int = 64,
+                     val_per_class: int = 8, size: Optional[Tuple[int, int]] = (500, 375),
+                     quality: int = 90, seed: int = 0, jobs: int = 1) -> List[str]:
+    """Write the folder (``size=None``: ImageNet-like sizes) with ``jobs`` processes (the
+    files do not depend on it); returns the written files."""
     if classes < 1 or train_per_class < 1 or val_per_class < 0:
         raise ValueError("need at least 1 class and 1 training image per class")
-    rng = np.random.default_rng(seed)
-    files = []
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            d = os.path.join(path, split, f"n{c:08d}")
-            os.makedirs(d, exist_ok=True)
-            for i in range(per_class):
-                if size is None:
-                    w, h = IMAGENET_SIZES[rng.choice(len(IMAGENET_SIZES), p=_SIZE_WEIGHTS)]
-                else:
-                    w, h = size
-                f = os.path.join(d, f"{split}_{c:04d}_{i:05d}.JPEG")
-                Image.fromarray(make_image(w, h, rng)).save(f, quality=quality)
-                files.append(f)
-    return files
+    tasks = [(path, split, k, c, per_class, size, quality, seed)
+             for k, (split, per_class) in enumerate((("train", train_per_class),
+                                                     ("val", val_per_class)))
+             for c in range(classes)]
+    if jobs > 1:
+        import multiprocessing
+
+        methods = multiprocessing.get_all_start_methods()  # fork: no re-import of torch
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ctx.Pool(jobs) as pool:
+            parts = pool.map(_write_class, tasks)
+    else:
+        parts = [_write_class(t) for t in tasks]
+    return [f for part in parts for f in part]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -98,10 +116,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="WxH (default 500x375) or 'imagenet' (typical ImageNet sizes)")
     p.add_argument("--quality", type=int, default=90)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="processes writing the files")
     a = p.parse_args(argv)
     try:
         files = make_imagefolder(a.path, a.classes, a.train_per_class, a.val_per_class,
-                                 a.size, a.quality, a.seed)
+                                 a.size, a.quality, a.seed, a.jobs)
     except (ValueError, OSError) as e:
         print(f"make_imagefolder: error: {e}", file=sys.stderr)
         return 2

@@ -38,9 +38,17 @@ def exporting() -> bool:
         return False
     if torch.compiler.is_compiling():
         # torch.compile keeps the fused ops; torch.export (strict or not) does not
-        return torch.compiler.is_exporting()
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or \
-        torch.compiler.is_exporting()
+        return _is_exporting()
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting()
+
+
+def _is_exporting() -> bool:
+    # torch.export's own flag: Dynamo in torch 2.11 folds torch.compiler.is_exporting() to
+    # True in every torch.compile trace, so the flag is read directly where it exists
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
+    return torch.compiler.is_exporting()
 
 
 @contextlib.contextmanager

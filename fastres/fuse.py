@@ -39,6 +39,12 @@ parametrizations, modules referenced from more than one place, norm layers other
 (``torch.nn.modules.module.register_module_forward_hook``) are not considered; they would see
 fewer module calls after fusion.
 
+After these class rules, a pass by pattern (``fastres._fuse_fx``) traces with torch.fx every
+other module holding an ``nn.BatchNorm2d`` child (not torchvision's own ResNet classes, which
+the rules above own) and fuses ``BatchNorm2d -> ReLU`` and ``BatchNorm2d -> add -> ReLU`` in
+its forward: timm's ResNets, ResNeXts, SE-ResNets, wide nets, and subclasses of torchvision's
+blocks. ``fuse(model, fx=False)`` skips it.
+
 Converting twice changes nothing (idempotent), and a partially converted model is finished.
 torchvision is only needed when the model contains torchvision modules (and by ``unfuse`` to
 rebuild its blocks).

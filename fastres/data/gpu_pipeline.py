@@ -179,6 +179,8 @@ class GPUBatchLoader:
         self.base = base
         self.mode = mode
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.mean = None if base.mean is None else base.mean.to(self.device, torch.float32)
         self.out_dtype = out_dtype
         self.channels_last = channels_last
@@ -245,6 +247,8 @@ class GPUBatchLoader:
 
         def produce():
             try:
+                if cuda:  # the current device is per thread (torchrun: this rank's GPU)
+                    torch.cuda.set_device(self.device)
                 ctx = torch.cuda.stream(stream) if cuda else _null()
                 with ctx:
                     for batch in self.loader:

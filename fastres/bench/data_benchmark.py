@@ -18,6 +18,10 @@ the others were measured):
 * ``fed step``: the same step fed by the pipeline; ``fed / synthetic`` near 1 means the
   pipeline keeps up.
 
+With worker processes on a machine with few cores, an idle backend's workers keep prefetching
+while another is timed and take cores from it: compare per-core numbers with ``--workers 0
+--threads 1`` there (or measure one backend per run).
+
 The ``reference`` backend is the per-image reference pipeline (what fastres-train used before
 the cpu/gpu backends), so ``--data-backend reference,cpu`` measures the CPU speed-up.
 """

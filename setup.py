@@ -8,6 +8,11 @@ Environment:
     FASTRES_NO_CUDA=1      build the C++ CPU kernels only
     TORCH_CUDA_ARCH_LIST   GPU archs (default "8.0;9.0" when no GPU is visible)
     MAX_JOBS               parallel compile jobs for ninja
+    FASTRES_NO_CUDNN_FUSION=1          build without the "cudnn-fused" conv backend
+    FASTRES_CUDNN_FRONTEND_INCLUDE     folder holding cudnn_frontend.h (default: the installed
+                                       nvidia-cudnn-frontend wheel's include/)
+    FASTRES_CUDNN_ROOT                 folder with cuDNN 9's include/cudnn.h and lib/libcudnn.so.9
+                                       (default: torch's nvidia-cudnn wheel, nvidia/cudnn)
 """
 import os
 import re
@@ -50,6 +55,47 @@ def want_cuda() -> bool:
     return True
 
 
+def cudnn_fusion():
+    """(include dirs, library dir, None) for the "cudnn-fused" conv backend, or (None, None,
+    why not: "disabled", "no_frontend", "no_cudnn" or "no_nvrtc", which build_info() explains). It needs
+    the cuDNN frontend's headers (the nvidia-cudnn-frontend wheel) and cuDNN 9's headers and
+    library (torch's nvidia-cudnn wheel)."""
+    if os.environ.get("FASTRES_NO_CUDNN_FUSION", "0") == "1":
+        return None, None, "disabled"
+    frontend = os.environ.get("FASTRES_CUDNN_FRONTEND_INCLUDE")
+    if not frontend:
+        try:
+            from importlib.metadata import PackageNotFoundError, distribution
+            header = Path(distribution("nvidia-cudnn-frontend").locate_file(
+                "include/cudnn_frontend.h"))
+            frontend = str(header.parent)
+        except PackageNotFoundError:
+            return None, None, "no_frontend"
+    if not Path(frontend, "cudnn_frontend.h").exists():
+        return None, None, "no_frontend"
+    root = os.environ.get("FASTRES_CUDNN_ROOT")
+    if not root:
+        try:
+            import nvidia.cudnn
+            root = str(Path(list(nvidia.cudnn.__path__)[0]))
+        except ImportError:
+            return None, None, "no_cudnn"
+    include, lib = Path(root, "include"), Path(root, "lib")
+    if not (include / "cudnn.h").exists() or not (lib / "libcudnn.so.9").exists():
+        return None, None, "no_cudnn"
+    includes = [frontend, str(include)]
+    if not Path(CUDA_HOME, "include", "nvrtc.h").exists():
+        # the frontend's headers include nvrtc.h; a minimal toolkit lacks it, torch's CUDA
+        # wheels have it (nvidia/cu13/include, nvidia/cuda_nvrtc/include on CUDA 12)
+        nvidia = Path(root).parent
+        found = [p for p in (nvidia / "cu13/include", nvidia / "cuda_nvrtc/include")
+                 if (p / "nvrtc.h").exists()]
+        if not found:
+            return None, None, "no_nvrtc"
+        includes.append("-idirafter" + str(found[0]))  # after the toolkit's own headers
+    return includes, str(lib), None
+
+
 def extension():
     with_cuda = want_cuda()
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
@@ -69,6 +115,7 @@ def extension():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     if not with_cuda:
+        defines.append(("FASTRES_CUDNN_FUSION_WHY_NO_CUDA", None))
         return CppExtension(
             "fastres._C", sources, include_dirs=[str(ROOT / "csrc")],
             define_macros=defines, extra_compile_args={"cxx": cxx}, extra_link_args=link,
@@ -79,11 +126,25 @@ def extension():
     print(f"fastres: building CUDA kernels with {CUDA_HOME} for archs {archs} (torch {torch_version})")
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
     defines += [("FASTRES_WITH_CUDA", None), ("FASTRES_CUDA_ARCHS", f'"{archs}"')]
+    include_dirs = [str(ROOT / "csrc")]
+    fusion_includes, cudnn_lib, why = cudnn_fusion()
+    if why is None:
+        # one host-compiled translation unit (g++, not nvcc): the frontend is host C++
+        print(f"fastres: building the cudnn-fused conv backend (frontend {fusion_includes[0]}, "
+              f"cuDNN {cudnn_lib})")
+        sources.append("csrc/cuda/conv_bn_cudnn.cpp")
+        include_dirs += [d for d in fusion_includes if not d.startswith("-")]
+        cxx += [d for d in fusion_includes if d.startswith("-")]
+        defines.append(("FASTRES_WITH_CUDNN_FUSION", None))
+        link += [f"-L{cudnn_lib}", "-l:libcudnn.so.9", f"-Wl,-rpath,{cudnn_lib}"]
+    else:
+        print(f"fastres: building without the cudnn-fused conv backend ({why})")
+        defines.append(("FASTRES_CUDNN_FUSION_WHY_" + why.upper(), None))
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
     return CUDAExtension(
-        "fastres._C", sources, include_dirs=[str(ROOT / "csrc")],
+        "fastres._C", sources, include_dirs=include_dirs,
         define_macros=defines, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
     )

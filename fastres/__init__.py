@@ -4,7 +4,8 @@
     y = fastres.functional.batch_norm_add_relu(x, residual, running_mean, running_var,
                                                weight, bias, training=True)
     fastres.set_backend("triton")            # or "auto" (default), "cuda", "cpu"
-    fastres.set_conv_backend("triton")       # convs with BatchNorm fused in; or "cudnn", "auto"
+    fastres.set_conv_backend("triton")       # convs with BatchNorm fused in; or "cudnn",
+                                             # "cudnn-fused" (cuDNN graph API), "auto"
     with fastres.backend("cpu"): ...
 
     model = fastres.models.resnet50()        # fused, torchvision-compatible state_dict
@@ -19,6 +20,7 @@ from . import functional
 from . import nn
 from . import models
 from .nn import convert_sync_batchnorm
+from .nn.conv_bn_chain import conv_backend_report
 from .fuse import fuse, unfuse  # the function shadows the module name (fastres.fuse)
 from .export import export_onnx, keep_fused_ops
 
@@ -28,6 +30,7 @@ __all__ = [
     "backend",
     "build_info",
     "conv_backend",
+    "conv_backend_report",
     "convert_sync_batchnorm",
     "export_onnx",
     "functional",

@@ -192,21 +192,38 @@ def _measure_fastest(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 # Convolution backend: which convolutions the fused modules run in training and inference
 # ---------------------------------------------------------------------------------------------
-CONV_NAMES = ("auto", "cudnn", "triton")
+CONV_NAMES = ("auto", "cudnn", "triton", "cudnn-fused")
 _conv_current = ["cudnn"]
 _conv_auto_choice: dict = {}
 
 
+def _why_cudnn_fused_unavailable():
+    """None if the "cudnn-fused" conv backend (cuDNN graph API) can run here, else why not."""
+    info = _C.build_info()
+    if not info.get("cudnn_fused", False):
+        return f"fastres was built without it: {info.get('cudnn_fused_why', 'unknown')}"
+    if not torch.cuda.is_available():
+        return "it runs on a CUDA device and none is available"
+    return None
+
+
 def _why_conv_unavailable(name: str):
     """None if convolution backend `name` (a known one) can run here, else the reason."""
-    return _why_unavailable("triton") if name == "triton" else None
+    if name == "triton":
+        return _why_unavailable("triton")
+    if name == "cudnn-fused":
+        return _why_cudnn_fused_unavailable()
+    return None
 
 
 def set_conv_backend(name: str) -> None:
     """Choose the convolutions of the fused modules: "cudnn" (PyTorch's convolution, cuDNN on a
     GPU, with the fused BatchNorm kernels; the default), "triton" (fastres' implicit-GEMM
-    convolutions with BatchNorm fused into their prologue/epilogues) or "auto" (per layer shape,
-    whichever of the two measured faster on this GPU; "cudnn" on CPU)."""
+    convolutions with BatchNorm fused into their prologue/epilogues), "cudnn-fused" (cuDNN's
+    graph API: the BatchNorm+ReLU of the input in the convolution's prologue, the statistics in
+    its epilogue, as cuDNN's fused ResNet engines run them; layers cuDNN has no engine for run
+    as "cudnn", see fastres.conv_backend_report) or "auto" (per layer shape, whichever of the
+    available ones measured fastest on this GPU; "cudnn" on CPU)."""
     _select(_conv_current, name, CONV_NAMES, _why_conv_unavailable, "convolution backend")
 
 
@@ -223,11 +240,11 @@ def conv_backend(name: str):
 
 
 def resolve_conv(device: torch.device, key=None, measure=None) -> str:
-    """The convolution backend ("cudnn" or "triton") for a layer on `device`.
+    """The convolution backend ("cudnn", "triton" or "cudnn-fused") for a layer on `device`.
 
-    Under "auto", `key` identifies the layer's shape and `measure()` returns the faster of
-    "cudnn" and "triton" for it; the answer is cached per (device, key). While torch.compile
-    traces, nothing is measured: a cached answer is used, else "cudnn".
+    Under "auto", `key` identifies the layer's shape and `measure()` returns the fastest of
+    "cudnn" and the available fused backends for it; the answer is cached per (device, key).
+    While torch.compile traces, nothing is measured: a cached answer is used, else "cudnn".
     """
     name = _conv_current[0]
     if name == "cudnn":
@@ -235,7 +252,13 @@ def resolve_conv(device: torch.device, key=None, measure=None) -> str:
     if name == "triton":
         _check_triton_device(device, "convolution backend")
         return "triton"
-    if device.type != "cuda" or _why_unavailable("triton") is not None:
+    if name == "cudnn-fused":
+        if device.type != "cuda":
+            raise RuntimeError(f"fastres: convolution backend 'cudnn-fused' runs on CUDA tensors, "
+                               f"got tensors on {device}")
+        return "cudnn-fused"
+    if device.type != "cuda" or (_why_unavailable("triton") is not None
+                                 and _why_cudnn_fused_unavailable() is not None):
         return "cudnn"
     full_key = (device.index, key)
     if full_key in _conv_auto_choice:

@@ -12,11 +12,11 @@
 #         backend (tests/test_gpu.py) and of the Triton convolutions (tests/test_gpu_conv.py,
 #         FASTRES_CONV_AUTOTUNE=0), each file under a time limit; the headline measurement
 #         (python -m fastres.bench.first_contact: ResNet-50 batch 256 bf16 channels_last,
-#         torchvision eager / fastres cuDNN convs / fastres Triton convs / torchvision
-#         torch.compile, training and inference images/s, peak memory; the fused BN+add+ReLU's
+#         torchvision eager / fastres cuDNN convs / fastres Triton convs / fastres cudnn-fused
+#         convs / torchvision torch.compile, training and inference images/s, peak memory; the fused BN+add+ReLU's
 #         bandwidth against a measured device copy); then first.json + first.md
 #         (python -m fastres.bench.gpu_status summarize). Files: first.json, first.md,
-#         stages.txt, build.log, tests.log, headline.log.
+#         stages.txt, build.log, tests.log, headline.log, cudnn_fused_support.jsonl.
 # second: builds only if needed; ResNet-18/152 headline (second.json); Triton's cache warmed for
 #         the autotuned ResNet-50 convolutions, then the per-layer convolution benchmark
 #         (benchmarks/test_bench_conv.py, autotuned) and the pytest-benchmark suite.
@@ -28,7 +28,8 @@
 #
 # Single stages (each assumes the build is there): build, gputests (tests/test_gpu*.py), tests
 # (the whole suite), ops (op benchmark), models (python -m fastres.bench), conv (Triton
-# convolutions: GPU tests, per-layer benchmark, ResNet-50 with each conv backend), suite
+# convolutions: GPU tests, per-layer benchmark, ResNet-50 with each conv backend), cudnn-fused
+# (cuDNN graph-API fusions: GPU tests, ResNet-50 fp16/bf16 table), suite
 # (pytest benchmarks/ but test_bench_conv.py), train (synthetic run), demo, report (static
 # kernel report of the installed triton).
 # data (not in the default list: image-folder input pipeline, GPU data tests + data benchmark).
@@ -41,7 +42,7 @@ NPROC=$(nproc 2>/dev/null || echo 8)
 export MAX_JOBS=${MAX_JOBS:-$NPROC} PYTHONUNBUFFERED=1
 DEADLINE=$((SECONDS + ${FASTRES_GPU_CHECK_SECONDS:-540}))
 STAGES=("$@")
-ALL_STAGES=(build gputests tests ops models conv suite train demo report)
+ALL_STAGES=(build gputests tests ops models conv cudnn-fused suite train demo report)
 [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL_STAGES[@]}")
 rc=0
 
@@ -59,6 +60,12 @@ build_fastres() {  # sm_90 only on a GPU machine (setup.py builds for the visibl
     | sed 's/^/# nvidia-smi: /' | tee -a "$OUT/stages.txt"
   $PY -c "import torch, triton; print('# torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$OUT/stages.txt"
+  # the cuDNN frontend (headers only) for the cudnn-fused conv backend: no internet here, so
+  # its wheel comes in the run's carried .whl/ folder (README, "cudnn-fused"); without it the
+  # extension builds without that backend (fastres.build_info()['cudnn_fused_why'])
+  if ls .whl/nvidia_cudnn_frontend-*.whl > /dev/null 2>&1; then
+    $PY -m pip install --no-deps --no-index .whl/nvidia_cudnn_frontend-*.whl 2>&1 | tail -1
+  fi
   RESERVE=60 bounded $PY -m pip install -e . --no-build-isolation --no-deps -v \
     > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; return 1; }
   grep -E "^fastres: building|ninja: build stopped|error" "$OUT/build.log" | head -5
@@ -95,6 +102,11 @@ stage_first() {
     || status=1
   step test_bn run_pytest tests/test_gpu.py || status=1
   FASTRES_CONV_AUTOTUNE=0 step test_conv run_pytest tests/test_gpu_conv.py || status=1
+  # cudnn-fused: every layer shape, models, fallbacks (at most 150 s; which layers cuDNN fused
+  # goes to cudnn_fused_support.jsonl)
+  FASTRES_CUDNN_FUSED_SUPPORT_LOG="$OUT/cudnn_fused_support.jsonl" \
+    RESERVE=$(( $(left) - 150 )) step test_cudnn_fused run_pytest tests/test_gpu_cudnn_fused.py \
+    || status=1
   FASTRES_CONV_AUTOTUNE=0 RESERVE=25 step headline bounded $PY -m fastres.bench.first_contact \
     --out "$OUT" --budget $(( $(left) - 60 )) > "$OUT/headline.log" 2>&1 || status=1
   tail -25 "$OUT/headline.log"
@@ -161,6 +173,20 @@ stage_conv() {  # Triton convolutions: GPU tests; per-layer benchmark (every Res
     $PY -m fastres.bench --models resnet50 --conv-backend "$conv" --no-compile \
       --out "$OUT/model_bench_conv_$conv" ${FASTRES_BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/model_bench_conv_$conv.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
+  return "$status"
+}
+
+stage_cudnn-fused() {  # cuDNN graph-API fusions: GPU tests (support log), then ResNet-50 fp16
+  # (cuDNN's documented type for its fused engines) and bf16, cudnn vs cudnn-fused side by side
+  local status=0
+  FASTRES_CUDNN_FUSED_SUPPORT_LOG="$OUT/cudnn_fused_support.jsonl" $PY -m pytest \
+    tests/test_gpu_cudnn_fused.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/cudnn_fused_tests.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  for dt in fp16 bf16; do
+    $PY -m fastres.bench.first_contact --out "$OUT" --name "cudnn_fused_$dt.json" --dtype "$dt" \
+      --variants cudnn,cudnn-fused,compile --no-ops 2>&1 | tail -12 | tee "$OUT/cudnn_fused_$dt.md"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
   return "$status"

@@ -107,7 +107,8 @@ def _files(out: Path):
 def test_first_runs_every_step_in_order_within_eight_files(fake_machine):
     done, calls, out = fake_machine("first")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert _stages(out) == ["build", "warm", "test_bn", "test_conv", "headline", "first"]
+    assert _stages(out) == ["build", "warm", "test_bn", "test_conv", "test_cudnn_fused", "headline",
+                            "first"]
     files = _files(out)
     assert len(files) <= 8, files
     assert {"first.json", "first.md", "stages.txt", "build.log", "tests.log",
@@ -121,7 +122,8 @@ def test_first_runs_every_step_in_order_within_eight_files(fake_machine):
     assert any("--no-build-isolation --no-deps" in c for _, c in by_kind["pip"])
     # the Triton convolution tests, the cache warm-up and the headline run untuned
     tests = {cmd.split()[2]: autotune for autotune, cmd in by_kind["pytest"]}
-    assert tests == {"tests/test_gpu.py": "-", "tests/test_gpu_conv.py": "0"}
+    assert tests == {"tests/test_gpu.py": "-", "tests/test_gpu_conv.py": "0",
+                     "tests/test_gpu_cudnn_fused.py": "-"}
     (autotune, warm), = by_kind["fastres.kernels.report"]
     assert autotune == "0" and "--warm-cache" in warm and "--arch sm90" in warm
     (autotune, headline), = by_kind["fastres.bench.first_contact"]
@@ -130,8 +132,8 @@ def test_first_runs_every_step_in_order_within_eight_files(fake_machine):
     assert 0 < budget < 540
     # the summary merged the stage times and the test counts into the one JSON
     doc = json.loads((out / "first.json").read_text())
-    assert [s["stage"] for s in doc["stages"]][:5] == ["build", "warm", "test_bn", "test_conv",
-                                                       "headline"]
+    assert [s["stage"] for s in doc["stages"]][:6] == ["build", "warm", "test_bn", "test_conv",
+                                                       "test_cudnn_fused", "headline"]
     assert doc["tests"]["tests/test_gpu.py"]["passed"] == 3
     assert doc["tests"]["tests/test_gpu_conv.py"]["skipped"] == 1
     md = (out / "first.md").read_text()
@@ -141,7 +143,8 @@ def test_first_runs_every_step_in_order_within_eight_files(fake_machine):
 def test_first_goes_on_after_a_failing_step(fake_machine):
     done, calls, out = fake_machine("first", FAKE_FAIL="tests/test_gpu.py")
     assert done.returncode != 0
-    assert _stages(out) == ["build", "warm", "test_bn", "test_conv", "headline", "first"]
+    assert _stages(out) == ["build", "warm", "test_bn", "test_conv", "test_cudnn_fused", "headline",
+                            "first"]
     doc = json.loads((out / "first.json").read_text())
     assert doc["tests"]["tests/test_gpu.py"]["failed"] == 1
     assert doc["tests"]["tests/test_gpu.py"]["failures"] == [

@@ -2,8 +2,8 @@
 in one process:
 
 * whole models (ResNet-50 by default; batch 256, AMP bf16, channels_last): torchvision eager,
-  fastres with cuDNN convolutions, fastres with Triton convolutions, torchvision
-  torch.compile; a training step (forward, loss, backward, SGD) and inference: images/s, peak
+  fastres with cuDNN convolutions, fastres with Triton convolutions, fastres with cuDNN's
+  graph-API fusions (conv backend "cudnn-fused"), torchvision torch.compile; a training step (forward, loss, backward, SGD) and inference: images/s, peak
   GiB, and the first step's seconds (compilation and autotuning included) apart;
 * the fused BatchNorm+add+ReLU op (ResNet-50's 256x56x56 shape, training forward+backward and
   forward) on every fastres GPU backend and in eager PyTorch, as bytes/s and as a fraction of
@@ -36,6 +36,7 @@ MODEL_VARIANTS = {
     "eager": ("torchvision eager", "torchvision", None),
     "cudnn": ("fastres (cudnn conv)", "fastres", "cudnn"),
     "triton": ("fastres (triton conv)", "fastres", "triton"),
+    "cudnn-fused": ("fastres (cudnn-fused conv)", "fastres", "cudnn-fused"),
     "compile": ("torchvision compile", "torchvision compile", None),
 }
 OP_IMPLS = ["eager", "fastres:cuda", "fastres:triton"]

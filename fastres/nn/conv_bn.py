@@ -35,7 +35,7 @@ from ..export import exporting
 from ..functional import batch_norm_add_relu, batch_norm_relu
 from ..ops.conv_bn import compute_dtype, conv_bn
 from .batch_norm import BatchNormAct2d, bn_arguments
-from .conv_bn_chain import conv_bn_pending, materialize, triton_conv_for
+from .conv_bn_chain import conv_bn_pending, fused_conv_backend, materialize, triton_conv_for
 
 __all__ = ["ConvBNReLU", "conv_bn_act", "fold_conv_bn"]
 
@@ -104,8 +104,17 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
     x = x.to(dtype)
     if residual is not None:
         residual = residual.to(dtype)
-    if not (torch.is_grad_enabled() and x.requires_grad) and \
-            triton_conv_for(conv, bn, x, training=False):
+    backend = None
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        backend = fused_conv_backend(conv, bn, x, False, residual=residual is not None,
+                                     relu=relu, folded=True)
+    if backend == "cudnn-fused":  # cuDNN's graph: conv + bias (+ residual) (+ ReLU)
+        from ..ops.conv_bn_cudnn import conv_bias_act_cudnn
+
+        weight, bias = _folded(conv, bn, dtype, torch.channels_last)
+        return conv_bias_act_cudnn(x, weight, bias, conv.stride, conv.padding,
+                                   residual=residual, relu=relu)
+    if backend == "triton":
         weight, bias = _folded(conv, bn, dtype, torch.channels_last)
         out, _, _ = conv_bn(x, weight, conv.stride, conv.padding, bias=bias, residual=residual,
                             relu=relu)

@@ -1,6 +1,7 @@
-"""Chains of conv -> BatchNorm -> ReLU -> conv on the Triton convolutions (conv backend
-"triton", or "auto" where it measured faster), so that in training a block's normalised
-activations are never written to memory.
+"""Chains of conv -> BatchNorm -> ReLU -> conv on fused convolutions: the Triton convolutions
+(conv backend "triton") or cuDNN's graph-API fusions (conv backend "cudnn-fused"), or per layer
+whichever measured faster ("auto"), so that in training a block's normalised activations are
+never written to memory.
 
 A :class:`PendingBatchNorm` stands for ``relu?(bn(y))`` not yet computed: the raw convolution
 output ``y``, its BatchNorm module and the batch statistics the convolution's epilogue produced.
@@ -13,6 +14,8 @@ SyncBatchNorm, conv bias, unsupported dtype, or the backend picks cuDNN) the sam
 fall back to PyTorch's convolution and the fused BatchNorm kernels, so callers need no second
 code path.
 """
+import contextlib
+import weakref
 from typing import Optional
 
 import torch
@@ -25,7 +28,8 @@ from ..ops.batch_norm_act import _update_running_stats
 from ..ops.conv_bn import compute_dtype, conv_bn
 from .batch_norm import BatchNormAct2d, batches_counter, bn_arguments
 
-__all__ = ["PendingBatchNorm", "conv_bn_pending", "materialize", "triton_conv_for"]
+__all__ = ["PendingBatchNorm", "conv_bn_pending", "materialize", "triton_conv_for",
+           "fused_conv_backend", "conv_backend_report"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -34,12 +38,12 @@ class PendingBatchNorm:
     """``relu?(bn(y))``, not computed yet. ``mean``/``var`` are None when the BatchNorm must
     compute its own statistics (the convolution ran on cuDNN)."""
 
-    __slots__ = ("y", "bn", "mean", "var", "batch_stats", "relu")
+    __slots__ = ("y", "bn", "mean", "var", "batch_stats", "relu", "backend")
 
     def __init__(self, y: Tensor, bn: nn.BatchNorm2d, mean: Optional[Tensor],
-                 var: Optional[Tensor], batch_stats: bool, relu: bool):
+                 var: Optional[Tensor], batch_stats: bool, relu: bool, backend: str = "triton"):
         self.y, self.bn, self.mean, self.var = y, bn, mean, var
-        self.batch_stats, self.relu = batch_stats, relu
+        self.batch_stats, self.relu, self.backend = batch_stats, relu, backend
 
 
 def _is_sync(bn: nn.Module) -> bool:
@@ -66,16 +70,91 @@ def _layer_key(conv: nn.Conv2d, x: Tensor, dtype: torch.dtype, training: bool):
             conv.padding[0], dtype, training)
 
 
-def triton_conv_for(conv: nn.Conv2d, bn: nn.Module, x: Tensor, training: bool) -> bool:
-    """True when the conv backend runs this layer on the Triton convolution."""
-    if backends.get_conv_backend() == "cudnn" or not _supported(conv, bn):
-        return False
+# conv module -> (backend, why): how each convolution ran in its last forward
+# (conv_backend_report)
+_DECISIONS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _record(conv: nn.Module, backend: str, why: str) -> None:
+    if not torch.compiler.is_compiling():
+        _DECISIONS[conv] = (backend, why)
+
+
+def _cudnn_fused_why(conv: nn.Conv2d, x: Tensor, dtype: torch.dtype, folded: bool,
+                     prologue: bool = False, residual: bool = False, relu: bool = True):
+    """None when cuDNN's graph API runs this layer fused, else why not: the chain's forward,
+    dgrad and wgrad graphs, or with `folded` the inference graph."""
+    from ..ops import conv_bn_cudnn
+
+    if x.device.type != "cuda":
+        return f"tensors on {x.device}"
+    return conv_bn_cudnn.layer_support(
+        x.device, tuple(x.shape), tuple(conv.weight.shape), conv.stride[0], conv.padding[0],
+        dtype, not folded, prologue=prologue, residual=residual, relu=relu)
+
+
+def fused_conv_backend(conv: nn.Conv2d, bn: nn.Module, x: Tensor, training: bool,
+                       prologue: bool = False, residual: bool = False, relu: bool = True,
+                       folded: bool = False):
+    """The fused convolution that runs this layer: "triton", "cudnn-fused", or None (PyTorch's
+    convolution + the fused BatchNorm kernels, the "cudnn" path). `prologue`: the input's
+    BatchNorm+ReLU runs in the convolution (chain); `folded`: eval-mode folded inference with
+    `residual`/`relu` in its epilogue. Records the decision and its reason for conv_backend_report()."""
+    name = backends.get_conv_backend()
+    if name == "cudnn":
+        _record(conv, "cudnn", "conv backend 'cudnn'")
+        return None
+    if not _supported(conv, bn):
+        _record(conv, "cudnn", "layer not supported by the fused convolutions (groups, "
+                "dilation, non-square kernel/stride/padding, conv bias, SyncBatchNorm or "
+                "padding mode)")
+        return None
     dtype = compute_dtype(x)
+    if name == "cudnn-fused":
+        backends.resolve_conv(x.device)  # raises on non-CUDA tensors
+        why = _cudnn_fused_why(conv, x, dtype, folded, prologue, residual, relu)
+        if why is not None:
+            _record(conv, "cudnn", f"cudnn-fused fallback: {why}")
+            return None
+        _record(conv, "cudnn-fused", "cuDNN graph API")
+        return "cudnn-fused"
     if dtype not in _DTYPES or (dtype == torch.bfloat16 and x.device.type == "cpu"):
-        return False  # bfloat16 on CPU: Triton's interpreter cannot multiply it (kernels/conv.py)
+        # bfloat16 on CPU: Triton's interpreter cannot multiply it (kernels/conv.py)
+        _record(conv, "cudnn", f"dtype {dtype} on {x.device.type} not run by Triton")
+        return None
     key = _layer_key(conv, x, dtype, training)
-    return backends.resolve_conv(
-        x.device, key, lambda: _measure(conv, x.shape, dtype, training)) == "triton"
+    choice = backends.resolve_conv(
+        x.device, key, lambda: _measure(conv, x.shape, dtype, training))
+    if choice == "cudnn-fused" and _cudnn_fused_why(conv, x, dtype, folded, prologue, residual,
+                                                    relu) is not None:
+        choice = "cudnn"
+    _record(conv, choice, f"conv backend {name!r}" + (" (measured fastest)" if name == "auto"
+                                                       else ""))
+    return None if choice == "cudnn" else choice
+
+
+def triton_conv_for(conv: nn.Conv2d, bn: nn.Module, x: Tensor, training: bool) -> bool:
+    """True when the conv backend runs this layer on a fused convolution (Triton or
+    cudnn-fused; :func:`fused_conv_backend` says which)."""
+    return fused_conv_backend(conv, bn, x, training) is not None
+
+
+def conv_backend_report(model: nn.Module, x: Optional[Tensor] = None) -> list:
+    """Which convolutions of `model` ran on which conv backend in their last forward, and why:
+    a list of ``{"layer", "backend", "why"}`` in module order ("backend" is "cudnn",
+    "triton" or "cudnn-fused"; layers not yet run say "not run"). With `x`, runs
+    ``model(x)`` first (under no_grad in eval mode; a training-mode forward updates the
+    BatchNorm running statistics like any forward)."""
+    if x is not None:
+        with torch.no_grad() if not model.training else contextlib.nullcontext():
+            model(x)
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            backend, why = _DECISIONS.get(m, ("not run", "no forward through the fused "
+                                              "blocks recorded for this layer"))
+            rows.append({"layer": name, "backend": backend, "why": why})
+    return rows
 
 
 def conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, x, relu: bool = True,
@@ -83,14 +162,18 @@ def conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, x, relu: bool = True,
     """``relu?(bn(conv(x)))`` as a PendingBatchNorm; `x` is a Tensor or a PendingBatchNorm
     (applied in this convolution's prologue when both run on Triton)."""
     source = x.y if isinstance(x, PendingBatchNorm) else x
-    if use_triton is None:
-        use_triton = triton_conv_for(conv, bn, source, bn.training)
+    has_prologue = isinstance(x, PendingBatchNorm) and x.mean is not None
+    backend = fused_conv_backend(conv, bn, source, bn.training, prologue=has_prologue) \
+        if use_triton is not False else None
+    if use_triton and backend is None and backends.get_conv_backend() != "cudnn-fused":
+        backend = "triton"  # the caller decided (a block whose first layer runs fused)
+        _record(conv, "triton", "use_triton=True")
     args = bn_arguments(bn)
     batch_stats, running_mean, running_var = (args["training"], args["running_mean"],
                                               args["running_var"])
-    if not use_triton:
+    if backend is None:
         y = conv(materialize(x) if isinstance(x, PendingBatchNorm) else x)
-        return PendingBatchNorm(y, bn, None, None, batch_stats, relu)
+        return PendingBatchNorm(y, bn, None, None, batch_stats, relu, "cudnn")
     prologue = {}
     if isinstance(x, PendingBatchNorm):
         if x.mean is None:
@@ -101,8 +184,15 @@ def conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, x, relu: bool = True,
                             in_training=x.batch_stats)
     if not batch_stats and running_mean is None:
         raise ValueError("fastres: running_mean and running_var must be defined in evaluation mode")
-    y, mean, var = conv_bn(source, conv.weight, conv.stride, conv.padding, stats=batch_stats,
-                           **prologue)
+    if backend == "cudnn-fused":
+        from ..ops.conv_bn_cudnn import conv_bn_cudnn
+
+        # always the graph with the statistics epilogue (the one layer_support checked)
+        y, mean, var = conv_bn_cudnn(source, conv.weight, conv.stride, conv.padding,
+                                     stats=True, **prologue)
+    else:
+        y, mean, var = conv_bn(source, conv.weight, conv.stride, conv.padding,
+                               stats=batch_stats, **prologue)
     if batch_stats:
         if y.numel() // y.shape[1] == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input "
@@ -112,7 +202,7 @@ def conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, x, relu: bool = True,
                                   batches_counter(bn, batch_stats), y.numel() // y.shape[1])
     else:
         mean, var = running_mean, running_var
-    return PendingBatchNorm(y, bn, mean, var, batch_stats, relu)
+    return PendingBatchNorm(y, bn, mean, var, batch_stats, relu, backend)
 
 
 def materialize(p, residual: Optional[Tensor] = None) -> Tensor:
@@ -131,6 +221,16 @@ def materialize(p, residual: Optional[Tensor] = None) -> Tensor:
         return F.relu(out) if p.relu else out
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
+    if p.backend == "cudnn-fused" or (y.is_cuda and backends._why_unavailable("triton")):
+        # the CUDA C++ fused BatchNorm(+add)+ReLU with the epilogue's statistics
+        if p.batch_stats:
+            from ..ops.conv_bn_cudnn import bn_act_apply_cuda
+
+            return bn_act_apply_cuda(y, residual, bn.weight, bn.bias, p.mean, p.var, bn.eps,
+                                     p.relu)
+        out, _, _ = torch.ops.fastres.bn_act_forward(y, residual, bn.weight, bn.bias, p.mean,
+                                                     p.var, False, bn.eps, p.relu)
+        return out
     if p.batch_stats:
         return torch.ops.fastres.bn_act_apply_triton(y, residual, bn.weight, bn.bias, p.mean,
                                                      p.var, bn.eps, p.relu)
@@ -140,7 +240,9 @@ def materialize(p, residual: Optional[Tensor] = None) -> Tensor:
 
 
 def _measure(conv: nn.Conv2d, shape, dtype: torch.dtype, training: bool) -> str:
-    """Which of "triton" and "cudnn" runs this layer faster on this GPU (CUDA-event timing).
+    """Which of "cudnn", "triton" and "cudnn-fused" (those available, and cudnn-fused only where
+    cuDNN has engines for the layer) runs this layer fastest on this GPU (CUDA-event timing).
+    cudnn-fused is timed like Triton: prologue + convolution + statistics epilogue.
     Training (forward + backward): Triton's convolution with the previous BatchNorm in its
     prologue and the statistics epilogue, against the fused BatchNorm+ReLU of the input then
     cuDNN's convolution (whose statistics are paid later by the next BatchNorm, so the
@@ -182,8 +284,23 @@ def _measure(conv: nn.Conv2d, shape, dtype: torch.dtype, training: bool) -> str:
         a = batch_norm_relu(x, None, None, gamma, beta, training=True)
         return F.conv2d(a, w, None, stride, padding)
 
+    def run_cudnn_fused():
+        from ..ops.conv_bn_cudnn import conv_bias_act_cudnn, conv_bn_cudnn
+
+        if not training:
+            return conv_bias_act_cudnn(x, w, bias, stride, padding, relu=True)
+        y, _, _ = conv_bn_cudnn(x, w, stride, padding, in_weight=gamma, in_bias=beta,
+                                in_mean=mean, in_var=var, stats=True)
+        return y
+
+    candidates = [("cudnn", run_cudnn)]
+    if backends._why_unavailable("triton") is None and dtype in _DTYPES:
+        candidates.append(("triton", run_triton))
+    if backends._why_cudnn_fused_unavailable() is None and _cudnn_fused_why(
+            conv, x, dtype, not training, prologue=training) is None:
+        candidates.append(("cudnn-fused", run_cudnn_fused))
     times = {}
-    for name, fn in (("triton", run_triton), ("cudnn", run_cudnn)):
+    for name, fn in candidates:
         with torch.set_grad_enabled(training):
             for _ in range(2):
                 out = fn()

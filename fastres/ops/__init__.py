@@ -1,5 +1,6 @@
 """Fused operators, one file each, registered with torch.library (fake kernels, autograd)."""
 from .batch_norm_act import batch_norm_act
 from .conv_bn import conv_bn
+from . import conv_bn_cudnn  # registers the cudnn-fused ops' fake kernels and autograd
 
 __all__ = ["batch_norm_act", "conv_bn"]

@@ -1,7 +1,8 @@
 // Operator schemas of the fastres library and the build_info() Python binding.
 // Per-device implementations are registered next to their kernels
 // (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(fastres, CPU, ...), csrc/cuda/*.cu with CUDA).
-// Fake (meta) kernels and autograd are registered from Python (fastres/ops/).
+// Fake (meta) kernels are registered from Python (fastres/ops/); the autograd of
+// bn_act_forward in C++ (csrc/bn_act_autograd.cpp), the others from Python.
 #include <torch/extension.h>
 
 #include "batch_norm_act.h"

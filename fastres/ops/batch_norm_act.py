@@ -145,10 +145,13 @@ def _make_autograd(backward_op):
     return backward, setup_context
 
 
-for _fwd, _bwd in (("fastres::bn_act_forward", torch.ops.fastres.bn_act_backward),
-                   ("fastres::bn_act_forward_triton", torch.ops.fastres.bn_act_backward_triton)):
-    _backward, _setup = _make_autograd(_bwd)
-    torch.library.register_autograd(_fwd, _backward, setup_context=_setup)
+# fastres::bn_act_forward (the C++ CPU and CUDA kernels) has its autograd in C++
+# (csrc/bn_act_autograd.cpp, the same saved tensors and backward as here): registered from
+# Python it cost some 100 us of glue per forward + backward, more than the whole kernel on a
+# small CPU batch. The Triton op's autograd stays here (its launches are asynchronous anyway).
+_backward, _setup = _make_autograd(torch.ops.fastres.bn_act_backward_triton)
+torch.library.register_autograd("fastres::bn_act_forward_triton", _backward,
+                                setup_context=_setup)
 
 
 def _no_double_backward(ctx, *grads):

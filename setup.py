@@ -96,6 +96,20 @@ def cudnn_fusion():
     return includes, str(lib), None
 
 
+def nvrtc_link(cudnn_lib):
+    """Link arguments for NVRTC, which the frontend's headers call (nvrtcGetProgramLogSize, ...):
+    torch 2.14 happens to load it, torch 2.11 does not, so the extension names it itself. From
+    torch's CUDA wheels next to cuDNN (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib), else the
+    toolkit's lib64."""
+    nvidia = Path(cudnn_lib).parent.parent
+    for folder in (nvidia / "cu13/lib", nvidia / "cuda_nvrtc/lib", Path(CUDA_HOME or "", "lib64")):
+        libs = sorted(folder.glob("libnvrtc.so.*")) if folder.is_dir() else []
+        libs = [p for p in libs if p.name.count(".") == 2]  # libnvrtc.so.13, not builtins/alt
+        if libs:
+            return [f"-L{folder}", f"-l:{libs[0].name}", f"-Wl,-rpath,{folder}"]
+    return []
+
+
 def extension():
     with_cuda = want_cuda()
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
@@ -137,6 +151,7 @@ def extension():
         cxx += [d for d in fusion_includes if d.startswith("-")]
         defines.append(("FASTRES_WITH_CUDNN_FUSION", None))
         link += [f"-L{cudnn_lib}", "-l:libcudnn.so.9", f"-Wl,-rpath,{cudnn_lib}"]
+        link += nvrtc_link(cudnn_lib)
     else:
         print(f"fastres: building without the cudnn-fused conv backend ({why})")
         defines.append(("FASTRES_CUDNN_FUSION_WHY_" + why.upper(), None))

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .._extension import _C
+from .conv_bn import _fake_backward as _triton_fake_backward
 
 __all__ = ["available", "why_unavailable", "conv_bn_cudnn", "conv_bias_act_cudnn",
            "bn_act_apply_cuda", "finalize_stats", "layer_support", "graph_check"]
@@ -181,17 +182,9 @@ def _fake_forward(x, weight, in_weight, in_bias, in_mean, in_var, stride, paddin
     return out, x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32)
 
 
-@_if_ops(torch.library.register_fake("fastres::conv_bn_backward_cudnn"))
-def _fake_backward(grad_out, x, weight, in_weight, in_bias, in_mean, in_var, stride, padding,
-                   in_eps, in_relu, in_training, need_input, need_weight):
-    grad_x = torch.empty_like(x, memory_format=torch.channels_last) if need_input else \
-        x.new_empty((0,))
-    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
-                              memory_format=torch.channels_last) \
-        if need_weight else weight.new_empty((0,))
-    c = x.shape[1] if need_input and in_mean is not None else 0
-    return (grad_x, grad_weight, x.new_empty((c,), dtype=torch.float32),
-            x.new_empty((c,), dtype=torch.float32))
+# the same schema and outputs as the Triton op's backward: its fake kernel serves both
+_if_ops(torch.library.register_fake("fastres::conv_bn_backward_cudnn"))(
+    _triton_fake_backward)
 
 
 @_if_ops(torch.library.register_fake("fastres::conv_bias_act_cudnn"))

@@ -135,3 +135,92 @@ def test_momentum_none_compiles_without_graph_break():
     bn(x)
     assert nbt.item() == 1
     torch.testing.assert_close(rv, bn.running_var)
+
+
+# ---------------------------------------------------------------------------------------------
+# fastres::bn_act: the eager entry point (csrc/bn_act_eager.cpp) that fastres.functional calls
+# on the CPU outside torch.compile: forward + running-statistics update in one C++ operator
+# ---------------------------------------------------------------------------------------------
+def _bn_act_samples():
+    samples = []
+    for cl in (False, True):
+        for residual in (False, True):
+            for momentum in (0.1, None):
+                x = torch.randn(3, 5, 4, 4)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_(True)
+                r = torch.randn_like(x).requires_grad_(True) if residual else None
+                w = torch.randn(5, requires_grad=True)
+                b = torch.randn(5, requires_grad=True)
+                rm, rv = torch.randn(5), torch.rand(5) + 0.5
+                nbt = torch.tensor(3, dtype=torch.long)
+                samples.append((x, r, w, b, rm, rv, nbt, True, momentum, 1e-5, True))
+    return samples
+
+
+def test_opcheck_bn_act():
+    for args in _bn_act_samples():
+        torch.library.opcheck(torch.ops.fastres.bn_act.default, args)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bn_act_updates_running_stats_as_batch_norm(momentum, dtype):
+    """The C++ update (one loop over C) against nn.BatchNorm2d's, the counter included, and
+    the version counters bumped as an in-place op would (fastres' folded-weight caches key on
+    them)."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(7, momentum=momentum).to(dtype)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    nbt = bn.num_batches_tracked.clone()
+    for step in range(3):
+        x = torch.randn(4, 7, 5, 3, dtype=dtype) * (step + 1) + step
+        versions = (rm._version, rv._version)
+        out = torch.ops.fastres.bn_act(x, None, bn.weight, bn.bias, rm, rv, nbt, True, momentum,
+                                       bn.eps, True)
+        ref = torch.relu(bn(x))
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(out, ref, **tol)
+        torch.testing.assert_close(rm, bn.running_mean, **tol)
+        torch.testing.assert_close(rv, bn.running_var, **tol)
+        assert int(nbt) == int(bn.num_batches_tracked) == step + 1
+        assert rm._version > versions[0] and rv._version > versions[1]
+
+
+def test_bn_act_under_a_dispatch_mode_uses_aten_ops():
+    """Under a TorchDispatchMode (tracers, counters) the statistics are updated by ATen ops
+    the mode sees, with the same result as the direct update."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 4, 3, 3)
+    direct = (torch.zeros(4), torch.ones(4))
+    traced = (torch.zeros(4), torch.ones(4))
+    torch.ops.fastres.bn_act(x, None, None, None, *direct, None, True, 0.1, 1e-5, True)
+    with Seen() as mode:
+        torch.ops.fastres.bn_act(x, None, None, None, *traced, None, True, 0.1, 1e-5, True)
+    assert any("mul_" in op for op in mode.ops) and any("add_" in op for op in mode.ops)
+    torch.testing.assert_close(traced[0], direct[0])
+    torch.testing.assert_close(traced[1], direct[1])
+
+
+def test_functional_calls_the_eager_op_on_cpu():
+    """batch_norm_relu on the CPU backend runs fastres::bn_act (one operator) in eager mode."""
+    from torch.profiler import profile
+
+    x = torch.randn(2, 4, 3, 3)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with profile() as prof:
+        batch_norm_relu(x, rm, rv, None, None, True, 0.1, 1e-5)
+    names = [e.name for e in prof.events()]
+    assert "fastres::bn_act" in names and "fastres::bn_act_forward" in names
+    assert "aten::mul_" not in names  # the statistics were updated in C++, not by ATen ops

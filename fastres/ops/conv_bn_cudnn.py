@@ -203,6 +203,17 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
+def _input_grads(ctx, in_weight, in_bias, grad_x, grad_w, grad_in_w, grad_in_b):
+    """The gradients of conv_bn_forward_cudnn's 11 inputs from its backward op's outputs: None
+    where an input needs none (or, for the prologue's weight and bias, is absent), the
+    prologue's in its parameter's dtype; the other 7 inputs have none."""
+    need = ctx.needs_input_grad
+    return (grad_x if need[0] else None, grad_w if need[1] else None,
+            grad_in_w.to(in_weight.dtype) if in_weight is not None and need[2] else None,
+            grad_in_b.to(in_bias.dtype) if in_bias is not None and need[3] else None,
+            None, None, None, None, None, None, None)
+
+
 def _backward(ctx, grad_out, _grad_sum, _grad_sqsum):
     x, weight, in_weight, in_bias, in_mean, in_var = ctx.saved_tensors
     stride, padding, in_eps, in_relu = ctx.config
@@ -215,12 +226,7 @@ def _backward(ctx, grad_out, _grad_sum, _grad_sqsum):
     grad_x, grad_w, grad_in_w, grad_in_b = torch.ops.fastres.conv_bn_backward_cudnn(
         grad_out.contiguous(memory_format=torch.channels_last), x, weight, in_weight, in_bias,
         in_mean, in_var, stride, padding, in_eps, in_relu, in_training, need_x or need_in, need_w)
-    return (grad_x if need_x else None, grad_w if need_w else None,
-            grad_in_w.to(in_weight.dtype) if in_weight is not None and ctx.needs_input_grad[2]
-            else None,
-            grad_in_b.to(in_bias.dtype) if in_bias is not None and ctx.needs_input_grad[3]
-            else None,
-            None, None, None, None, None, None, None)
+    return _input_grads(ctx, in_weight, in_bias, grad_x, grad_w, grad_in_w, grad_in_b)
 
 
 if _HAVE_OPS:
@@ -382,12 +388,7 @@ class _EvalPrologue(torch.autograd.Function):
         gx, gw, gg, gb = torch.ops.fastres.conv_bn_backward_cudnn(
             grad_out.contiguous(memory_format=torch.channels_last), x, weight, in_weight,
             in_bias, in_mean, in_var, s, p, eps, in_relu, False, nx or need_in, nw)
-        return (gx if nx else None, gw if nw else None,
-                gg.to(in_weight.dtype) if in_weight is not None and ctx.needs_input_grad[2]
-                else None,
-                gb.to(in_bias.dtype) if in_bias is not None and ctx.needs_input_grad[3]
-                else None,
-                None, None, None, None, None, None, None)
+        return _input_grads(ctx, in_weight, in_bias, gx, gw, gg, gb)
 
 
 def conv_bias_act_cudnn(x: Tensor, weight: Tensor, bias: Tensor, stride=1, padding=0, *,

@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -73,6 +73,26 @@ def _as_device_batch(b, device, dtype, channels_last):
     return x.to(dtype), y.to(device, non_blocking=True)
 
 
+def _timed_batches(stream, drain: int, batches: int, device: torch.device,
+                   consume=None) -> Tuple[int, float]:
+    """One timed round of a backend: ``drain`` batches taken untimed (those its workers and
+    prefetch thread prepared meanwhile), then ``batches`` batches, each given to
+    ``consume(x, y)`` when set, timed from the first to the synchronised end. Returns (images,
+    seconds)."""
+    for _ in range(drain):
+        next(stream)
+    _sync(device)
+    n = 0
+    t = time.perf_counter()
+    for _ in range(batches):
+        x, y = next(stream)
+        if consume is not None:
+            consume(x, y)
+        n += x.shape[0]
+    _sync(device)
+    return n, time.perf_counter() - t
+
+
 def run_data_benchmark(spec: str, backends: List[str], batch_size: int, device, workers: int,
                        rounds: int = 3, batches: int = 4, warmup: int = 1,
                        model: Optional[str] = None, dtype: torch.dtype = torch.float32,
@@ -104,16 +124,8 @@ def run_data_benchmark(spec: str, backends: List[str], batch_size: int, device, 
         for b in backends:
             if progress:
                 progress(f"pipeline {b}, round {r + 1}/{rounds}")
-            for _ in range(drain[b]):
-                next(streams[b])
-            _sync(device)
-            n = 0
-            t = time.perf_counter()
-            for _ in range(batches):
-                x, _ = next(streams[b])
-                n += x.shape[0]
-            _sync(device)
-            times[b].append(time.perf_counter() - t)
+            n, seconds = _timed_batches(streams[b], drain[b], batches, device)
+            times[b].append(seconds)
             counts[b].append(n)
     cores = max(1, workers) if workers else max(1, torch.get_num_threads())
     rows = []
@@ -147,6 +159,10 @@ def _train_columns(rows, streams, drain, model_name, batch, device, dtype, chann
         loss.backward()
         opt.step()
 
+    def fed_step(x, y):
+        x, y = _as_device_batch((x, y), device, dtype, channels_last)
+        step(x, y % 1000)
+
     xs = torch.randn(batch, 3, 224, 224, device=device).to(dtype)
     if channels_last:
         xs = xs.contiguous(memory_format=torch.channels_last)
@@ -164,17 +180,8 @@ def _train_columns(rows, streams, drain, model_name, batch, device, dtype, chann
         synth.append(batch * batches / (time.perf_counter() - t))
         for row in rows:
             b = row["backend"]
-            for _ in range(drain[b]):
-                next(streams[b])
-            _sync(device)
-            n = 0
-            t = time.perf_counter()
-            for _ in range(batches):
-                x, y = _as_device_batch(next(streams[b]), device, dtype, channels_last)
-                step(x, y % 1000)
-                n += x.shape[0]
-            _sync(device)
-            fed[b].append(n / (time.perf_counter() - t))
+            n, seconds = _timed_batches(streams[b], drain[b], batches, device, fed_step)
+            fed[b].append(n / seconds)
     for row in rows:
         row["model"] = model_name
         row["synthetic_step_images_per_s"] = statistics.median(synth)

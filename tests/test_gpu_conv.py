@@ -5,78 +5,20 @@ reference, with the project's numerics rule; and whole-model training/inference 
 (run by ``bash scripts/gpu_check.sh conv``)."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import fastres
-from numerics import assert_close_rule
+from gpu_helpers import check_layer_forward_and_gradients, resnet_conv_shapes, shape_id
 
 pytestmark = [pytest.mark.gpu, pytest.mark.triton]
 
-EPS = 1e-5
-BATCH = 8
+SHAPES = resnet_conv_shapes() if torch.cuda.is_available() else []
 
 
-def layer_shapes(arch):
-    """Distinct (CIN, H, W, COUT, kernel, stride, padding) of the model's convolutions."""
-    model = getattr(fastres.models, arch)().to("meta")
-    seen = []
-
-    def hook(conv, inputs, _out):
-        _, c, h, w = inputs[0].shape
-        key = (c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0])
-        if key not in seen:
-            seen.append(key)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad(), fastres.conv_backend("cudnn"):
-        model.train()  # no folding on meta tensors
-        model.conv1(torch.empty(1, 3, 224, 224, device="meta"))
-        x = torch.empty(1, 64, 56, 56, device="meta")
-        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
-            for block in layer:
-                x = _block_shapes(block, x)
-    for h in handles:
-        h.remove()
-    return seen
-
-
-def _block_shapes(block, x):
-    """Run the block's convolutions only (BatchNorm on meta tensors is not needed)."""
-    out = block.conv1(x)
-    out = block.conv2(out)
-    if hasattr(block, "conv3"):
-        out = block.conv3(out)
-    if isinstance(block.downsample, nn.Sequential):
-        block.downsample[0](x)
-    return out
-
-
-SHAPES = sorted(set(layer_shapes("resnet18")) | set(layer_shapes("resnet50"))) \
-    if torch.cuda.is_available() else []
-
-
-def _ids(s):
-    c, h, w, co, k, st, p = s
-    return f"{c}x{h}x{w}-{co}-k{k}s{st}"
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=[_ids(s) for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(s) for s in SHAPES])
 def test_layer_bf16_forward_and_gradients(shape):
-    cin, h, w, cout, k, stride, padding = shape
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = (torch.randn(BATCH, cin, h, w, device="cuda", generator=g) * 2 + 0.5)
-    weight = torch.randn(cout, cin, k, k, device="cuda", generator=g) / (cin * k * k) ** 0.5
-    gamma = torch.rand(cin, device="cuda", generator=g) + 0.5
-    beta = torch.randn(cin, device="cuda", generator=g) * 0.5
+    cin, _, _, _, _, stride, padding = shape
     prologue = cin > 3  # the stem reads the image: no BatchNorm before it
-
-    def unfused(x, w, gm, bt, dtype):
-        a = x
-        if prologue:
-            a = torch.relu(F.batch_norm(x.float(), None, None, gm, bt, True, 0.0, EPS))
-        return F.conv2d(a.to(dtype).contiguous(memory_format=torch.channels_last),
-                        w.to(dtype), None, stride, padding)
 
     def fused(x, w, gm, bt, dtype):
         kwargs = {}
@@ -91,28 +33,7 @@ def test_layer_bf16_forward_and_gradients(shape):
         torch.testing.assert_close(var, of.var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
         return out
 
-    go = torch.randn(BATCH, cout, (h + 2 * padding - k) // stride + 1,
-                     (w + 2 * padding - k) // stride + 1, device="cuda", generator=g)
-    results = {}
-    for name, fn, dtype in (("ref", unfused, torch.float32), ("torch", unfused, torch.bfloat16),
-                            ("fused", fused, torch.bfloat16)):
-        xin = x.to(torch.bfloat16)  # every variant sees the same (bf16-representable) input
-        if name == "ref":
-            xin = xin.float()
-        xin = xin.contiguous(memory_format=torch.channels_last).requires_grad_()
-        ins = [xin, weight.clone().requires_grad_(), gamma.clone().requires_grad_(),
-               beta.clone().requires_grad_()]
-        with torch.backends.cudnn.flags(allow_tf32=False):
-            out = fn(*ins, dtype)
-            out.backward(go.to(out.dtype))
-        results[name] = [out.detach()] + [t.grad if t.grad is not None else torch.zeros(0)
-                                          for t in ins]
-    names = ("output", "grad_x", "grad_weight", "grad_gamma", "grad_beta")
-    for i, what in enumerate(names):
-        if not prologue and what in ("grad_gamma", "grad_beta"):
-            continue
-        assert_close_rule(results["fused"][i], results["torch"][i], results["ref"][i],
-                          torch.bfloat16, f"{_ids(shape)} {what}", mask_flips=i > 0)
+    check_layer_forward_and_gradients(shape, torch.bfloat16, fused)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 import fastres
 from fastres.ops import conv_bn_cudnn
+from gpu_helpers import (BATCH, check_layer_forward_and_gradients, resnet_conv_shapes,
+                         shape_id)
 from numerics import assert_close_rule
 
 pytestmark = [pytest.mark.gpu,
@@ -22,39 +24,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not fastres.build_info().get("cudnn_fused"),
                                  reason="fastres built without cudnn-fused")]
 
-EPS = 1e-5
-BATCH = 8
 SUPPORT_LOG = os.environ.get("FASTRES_CUDNN_FUSED_SUPPORT_LOG")  # JSON lines, per layer
-
-
-def layer_shapes():
-    import torchvision
-
-    seen = []
-    for arch in ("resnet18", "resnet50"):
-        model = getattr(torchvision.models, arch)().to("meta")
-
-        def hook(conv, inputs, _out):
-            _, c, h, w = inputs[0].shape
-            key = (c, h, w, conv.out_channels, conv.kernel_size[0], conv.stride[0],
-                   conv.padding[0])
-            if key not in seen:
-                seen.append(key)
-
-        hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-        with torch.no_grad():
-            model(torch.empty(1, 3, 224, 224, device="meta"))
-        for h in hs:
-            h.remove()
-    return sorted(seen)
-
-
-SHAPES = layer_shapes() if torch.cuda.is_available() else []
-
-
-def _ids(s):
-    c, h, w, co, k, st, p = s
-    return f"{c}x{h}x{w}-{co}-k{k}s{st}"
+SHAPES = resnet_conv_shapes() if torch.cuda.is_available() else []
 
 
 def _log(record):
@@ -64,31 +35,19 @@ def _log(record):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=[_ids(s) for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(s) for s in SHAPES])
 def test_layer_forward_and_gradients(shape, dtype):
     cin, h, w, cout, k, stride, padding = shape
     prologue = cin > 3
     dev = torch.device("cuda")
     why = conv_bn_cudnn.layer_support(dev, (BATCH, cin, h, w), (cout, cin, k, k), stride,
                                       padding, dtype, True, prologue=prologue)
-    _log({"layer": _ids(shape), "dtype": str(dtype), "mode": "train", "fused": why is None,
-          "why": why})
+    _log({"layer": shape_id(shape), "dtype": str(dtype), "mode": "train",
+          "fused": why is None, "why": why})
     if why is not None:
         if dtype == torch.float16 and cin % 8 == 0 and cout % 8 == 0:
             pytest.fail(f"cuDNN documents its fused engines for this fp16 layer: {why}")
         pytest.skip(f"falls back to the cudnn path: {why}")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(BATCH, cin, h, w, device="cuda", generator=g) * 2 + 0.5
-    weight = torch.randn(cout, cin, k, k, device="cuda", generator=g) / (cin * k * k) ** 0.5
-    gamma = torch.rand(cin, device="cuda", generator=g) + 0.5
-    beta = torch.randn(cin, device="cuda", generator=g) * 0.5
-
-    def unfused(x, w, gm, bt, dt):
-        a = x
-        if prologue:
-            a = torch.relu(F.batch_norm(x.float(), None, None, gm, bt, True, 0.0, EPS))
-        return F.conv2d(a.to(dt).contiguous(memory_format=torch.channels_last), w.to(dt), None,
-                        stride, padding)
 
     def fused(x, w, gm, bt, dt):
         kw = {}
@@ -103,38 +62,18 @@ def test_layer_forward_and_gradients(shape, dtype):
         torch.testing.assert_close(var, of.var((0, 2, 3), unbiased=False), rtol=2e-3, atol=2e-3)
         return out
 
-    go = torch.randn(BATCH, cout, (h + 2 * padding - k) // stride + 1,
-                     (w + 2 * padding - k) // stride + 1, device="cuda", generator=g)
-    results = {}
-    for name, fn, dt in (("ref", unfused, torch.float32), ("torch", unfused, dtype),
-                         ("fused", fused, dtype)):
-        xin = x.to(dtype)
-        if name == "ref":
-            xin = xin.float()
-        xin = xin.contiguous(memory_format=torch.channels_last).requires_grad_()
-        ins = [xin, weight.clone().requires_grad_(), gamma.clone().requires_grad_(),
-               beta.clone().requires_grad_()]
-        with torch.backends.cudnn.flags(allow_tf32=False):
-            out = fn(*ins, dt)
-            out.backward(go.to(out.dtype))
-        results[name] = [out.detach()] + [t.grad if t.grad is not None else torch.zeros(0)
-                                          for t in ins]
-    for i, what in enumerate(("output", "grad_x", "grad_weight", "grad_gamma", "grad_beta")):
-        if not prologue and what in ("grad_gamma", "grad_beta"):
-            continue
-        assert_close_rule(results["fused"][i], results["torch"][i], results["ref"][i], dtype,
-                          f"{_ids(shape)} {what}", mask_flips=i > 0)
+    check_layer_forward_and_gradients(shape, dtype, fused)
 
 
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=[_ids(s) for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(s) for s in SHAPES])
 def test_layer_folded_inference(shape, dtype, residual):
     cin, h, w, cout, k, stride, padding = shape
     dev = torch.device("cuda")
     why = conv_bn_cudnn.layer_support(dev, (BATCH, cin, h, w), (cout, cin, k, k), stride,
                                       padding, dtype, False, residual=residual, relu=True)
-    _log({"layer": _ids(shape), "dtype": str(dtype), "mode": f"infer residual={residual}",
+    _log({"layer": shape_id(shape), "dtype": str(dtype), "mode": f"infer residual={residual}",
           "fused": why is None, "why": why})
     if why is not None:
         pytest.skip(f"falls back to the cudnn path: {why}")
@@ -164,7 +103,7 @@ def test_layer_folded_inference(shape, dtype, residual):
             xx, ww, bias, stride, padding, residual=r, relu=True))
     assert torch.equal(got.isnan(), ref.isnan()), "NaN positions differ from PyTorch's"
     m = ~ref.isnan()
-    assert_close_rule(got[m], same[m], ref[m], dtype, f"{_ids(shape)} inference")
+    assert_close_rule(got[m], same[m], ref[m], dtype, f"{shape_id(shape)} inference")
 
 
 def _models(arch):

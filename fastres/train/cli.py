@@ -62,6 +62,8 @@ def _pos_int(s):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .common import add_data_backend_argument
+
     p = argparse.ArgumentParser(prog="fastres-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
@@ -112,12 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
     g.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default 0 on CPU, 4 with CUDA)")
-    g.add_argument("--data-backend", choices=["auto", "reference", "cpu", "gpu", "dali"],
-                   default="auto",
-                   help="image-folder input pipeline: gpu (JPEGs decoded and augmented in "
-                        "batches on the GPU), cpu (fast per-image PIL path), dali (NVIDIA "
-                        "DALI, if installed), reference (the per-image reference transforms); "
-                        "auto (default) = gpu on CUDA, else cpu. Other data sets use their own")
+    add_data_backend_argument(g)
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="mixed precision (fp16 uses a GradScaler)")
     g.add_argument("--channels-last", action="store_true")

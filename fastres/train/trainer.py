@@ -25,16 +25,13 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import checkpoint as ckpt_mod
 from .checkpoint import CheckpointError
+from .common import UsageError, cli_data_backend
 from .metrics_log import MetricsLog
 from .schedule import LRSchedule, resolve_milestones
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class UsageError(ValueError):
-    """A bad argument value discovered while setting up the run (bad --data, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,16 +127,6 @@ def _build_data(args):
         raise UsageError(f"--data {args.data!r}: {e}") from None
 
 
-def _data_backend(args, data, device) -> str:
-    """--data-backend resolved for this data set and device (fastres.data.loaders)."""
-    from fastres.data.loaders import resolve_data_backend
-    try:
-        return resolve_data_backend(getattr(args, "data_backend", "auto") or "auto",
-                                    data.train, device)
-    except (ValueError, ImportError) as e:
-        raise UsageError(str(e)) from None
-
-
 def _pipeline_loaders(args, data, backend, device, batch, sampler, gen, drop_last, distributed,
                       rank, world, main):
     """Train and validation loaders of the cpu / gpu / dali image-folder pipelines: batches
@@ -231,7 +218,7 @@ def _train(args, data, device, world, rank, main, distributed) -> Dict[str, Any]
         raise UsageError(f"the training set of --data {args.data!r} is empty")
     drop_last = n_train >= batch
     pin = device.type == "cuda"
-    data_backend = _data_backend(args, data, device)
+    data_backend = cli_data_backend(getattr(args, "data_backend", None), data.train, device)
     if data_backend == "reference":
         train_loader = DataLoader(data.train, batch_size=batch, sampler=sampler,
                                   num_workers=args.workers, pin_memory=pin,

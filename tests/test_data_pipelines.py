@@ -320,8 +320,10 @@ def test_cpu_loader_batches_and_skips_with_the_path(folder):
     x = batches[0][0]
     assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
     assert loader.stats()["skipped"] == 1
-    with pytest.raises(ValueError, match="'train' and 'center'"):
-        FastImageFolderDataset(base, mode="10crop")
+    with pytest.raises(ValueError, match="the cpu backend builds the views"):
+        FastImageFolderDataset(base, mode="five_crop")
+    with pytest.raises(ValueError, match="the gpu backend builds the views"):
+        G.GPUBatchLoader(base, 4, "cpu", mode="five_crop")
 
 
 # ------------------------------------------------------------------ selection, trainer

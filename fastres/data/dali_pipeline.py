@@ -55,12 +55,12 @@ class DaliBatchLoader:
                  seed: int = 0, shard_id: int = 0, num_shards: int = 1,
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = True):
         require_dali()
-        from nvidia.dali import fn, pipeline_def, types
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
         mode = mode or base.mode
         if mode not in ("train", "center", "center1"):
             raise ValueError(f"the dali backend builds 'train' and 'center' views, not {mode!r}")
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError("--data-backend dali needs a CUDA device")

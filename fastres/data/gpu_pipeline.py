@@ -4,7 +4,8 @@ augmented there in batch (``fastres.data.batched``); a background thread prepare
 batch on a CUDA stream of its own while the current training step runs.
 
 The same code runs with ``device="cpu"`` (decoding with torchvision's libjpeg-turbo), which is
-how CI tests it.
+how CI tests it. Besides the training and validation batches it builds fastres-eval's views of
+a batch (10 crops: ``batched.ten_crop_params``; multi-scale: ``batched.multiscale_views_batch``).
 
 Which images go where: the worker reads each file's JPEG header (``jpeg_info``); baseline
 JPEGs with 1 or 3 components go to the batched device decoder; everything else (progressive
@@ -29,7 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .batched import AugmentStats, augment_batch, center_params, draw_train_params
+from .batched import (AugmentStats, augment_batch, center_params, draw_train_params,
+                      multiscale_views_batch, ten_crop_params)
+from .eval_crops import IMAGENET_SCALES
 
 __all__ = ["jpeg_info", "EncodedImageFolder", "decode_batch", "GPUBatchLoader",
            "DEVICE_OK", "FALLBACK", "BAD"]
@@ -164,9 +167,15 @@ def decode_batch(payloads: List[torch.Tensor], kinds: List[int], paths: List[str
 class GPUBatchLoader:
     """Batches ``(x, y)`` of the ``gpu`` backend on ``device`` (CUDA, or CPU for tests):
     ``x`` [B, 3, 224, 224] in ``out_dtype`` (channels_last when asked), mean subtracted; ``mode``
-    ``train`` (the paper's augmentation) or ``center`` (shorter side 256, center 224). Skipped
-    files make a batch shorter. ``generator`` (CPU) seeds the augmentation of each pass (one
-    seed drawn from it per ``iter``) and the DataLoader's order."""
+    ``train`` (the paper's augmentation) or ``center`` (shorter side 256, center 224), and the
+    evaluation views of ``ImageFolderDataset``: ``center1`` (``x`` [B, 1, 3, 224, 224]),
+    ``10crop`` (``x`` [B, 10, 3, 224, 224]: ``batched.ten_crop_params``) and ``multiscale``
+    (``x`` a list, per image, of its views at the shorter sides ``IMAGENET_SCALES`` each
+    followed by its flip, [3, H_s, W_s]: ``batched.multiscale_views_batch``). Skipped files
+    make a batch shorter. ``generator`` (CPU) seeds the augmentation of each pass (one seed
+    drawn from it per ``iter``) and the DataLoader's order."""
+
+    MODES = ("train", "center", "center1", "10crop", "multiscale")
 
     def __init__(self, base, batch_size: int, device="cuda", *, mode: Optional[str] = None,
                  sampler=None, shuffle: bool = False, num_workers: int = 0,
@@ -174,8 +183,8 @@ class GPUBatchLoader:
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = True,
                  prefetch: int = 2, budget_bytes: Optional[int] = None, log=None):
         mode = mode or base.mode
-        if mode not in ("train", "center", "center1"):
-            raise ValueError(f"the gpu backend builds 'train' and 'center' views, not {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"the gpu backend builds the views {self.MODES}, not {mode!r}")
         self.base = base
         self.mode = mode
         self.device = torch.device(device)
@@ -223,17 +232,21 @@ class GPUBatchLoader:
         self.counts["decoded_on_device"] += len(images) - sum(1 for e in events if e[0] == "fallback")
         if not images:
             return None
+        y = labels[keep].to(self.device, non_blocking=True)
+        if self.mode == "multiscale":
+            return multiscale_views_batch(images, IMAGENET_SCALES, self.mean, self.out_dtype), y
         hw = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int64)
+        b = self.base
         if self.mode == "train":
-            b = self.base
             params = draw_train_params(hw, b.scale, b.crop_size, b.alphastd, generator=gen)
+        elif self.mode == "10crop":
+            params = ten_crop_params(hw, b.test_size, b.crop_size)
         else:
-            params = center_params(hw, self.base.test_size, self.base.crop_size)
+            params = center_params(hw, b.test_size, b.crop_size)
         x = augment_batch(images, params, self.mean, self.out_dtype, self.channels_last,
                           self.budget_bytes, stats=self.aug_stats)
         if self.mode == "center1":
             x = x[:, None]
-        y = labels[keep].to(self.device, non_blocking=True)
         return x, y
 
     def __iter__(self):
@@ -288,8 +301,8 @@ class GPUBatchLoader:
                 if cuda:
                     cur = torch.cuda.current_stream(self.device)
                     cur.wait_event(ev)
-                    x.record_stream(cur)
-                    y.record_stream(cur)
+                    for t in _tensors(x) + [y]:
+                        t.record_stream(cur)
                 yield x, y
         finally:
             stop.set()
@@ -299,6 +312,11 @@ class GPUBatchLoader:
                 except queue.Empty:
                     pass
             t.join()
+
+
+def _tensors(x) -> List[torch.Tensor]:
+    """The tensors of a batch's ``x``: itself, or the views of the multiscale lists."""
+    return [x] if torch.is_tensor(x) else [v for views in x for v in views]
 
 
 class _null:

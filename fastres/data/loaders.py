@@ -1,4 +1,5 @@
-"""Which data pipeline feeds the trainer: ``--data-backend auto|reference|cpu|gpu|dali``.
+"""Which data pipeline feeds the trainer and fastres-eval: ``--data-backend
+auto|reference|cpu|gpu|dali`` (the flag itself: ``fastres.train.common``).
 
 * ``reference``: the per-image PyTorch/PIL transforms of ``ImageFolderDataset`` (float32
   items, batched by a DataLoader) - the definition of the recipe, slow;
@@ -58,7 +59,9 @@ def make_loader(dataset, backend: str, batch_size: int, device, *, mode: Optiona
                 seed: int = 0, shard_id: int = 0, num_shards: int = 1, log=None):
     """An iterable of ``(x, y)`` batches with ``len()``. ``reference`` gives CPU batches of
     the dataset's own items (the caller moves them); the others give ``x`` on ``device`` in
-    ``out_dtype`` (channels_last when asked)."""
+    ``out_dtype`` (channels_last when asked). ``mode`` (default: the dataset's) is ``train``,
+    ``center``, or an evaluation view of ``ImageFolderDataset`` (``center1``, ``10crop``,
+    ``multiscale``: cpu and gpu; dali builds train and center only)."""
     device = torch.device(device)
     if backend == "reference":
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler,

@@ -115,6 +115,17 @@ def test_fastres_eval_backends_report_the_same_numbers(capsys, checkpoint, crop)
     assert _eval(capsys, checkpoint, "--crop", crop)["backend"] == "cpu"
 
 
+def test_fastres_eval_with_dali_where_installed(capsys, checkpoint):
+    """Where NVIDIA DALI is installed (on the CPU: DALI's CPU-only mode), its center crops give
+    the reference's numbers."""
+    pytest.importorskip("nvidia.dali")
+    ref = _eval(capsys, checkpoint, "--crop", "center", "--data-backend", "reference")
+    r = _eval(capsys, checkpoint, "--crop", "center", "--data-backend", "dali")
+    assert r["backend"] == "dali"
+    assert (r["n"], r["top1"], r["top5"]) == (ref["n"], ref["top1"], ref["top5"])
+    assert r["loss"] == pytest.approx(ref["loss"], rel=LOSS_RTOL)
+
+
 def test_multiscale_through_each_backend(folder):
     """fastres-eval's evaluation function for multi-scale views (10 views of up to 768x640 per
     image: a small convolutional model instead of resnet20, same numbers across backends)."""

@@ -1,15 +1,17 @@
 """The ``dali`` data backend: the ImageNet recipe as an NVIDIA DALI pipeline, for users who
 have DALI installed (``pip install nvidia-dali-cuda130``, or the build for their CUDA; it is
-not a dependency of fastres and needs a CUDA GPU).
+not a dependency of fastres; it runs on a CUDA GPU, or on the CPU in DALI's CPU-only mode).
 
 DALI reads the files (``fn.readers.file`` with the image folder's own file list and labels,
 so classes and skipped files are fastres'), decodes them on the GPU (``fn.decoders.image``,
-``device="mixed"``), resizes the shorter side to a random integer in [256, 480]
+``device="mixed"``; on a CPU device, DALI's CPU-only mode: decoding and augmentation on its
+own threads, ``device_id=None``), resizes the shorter side to a random integer in [256, 480]
 (``fn.resize(resize_shorter=...)``, linear with antialiasing), and takes the random 224 crop,
 the flip and the scaling to [0, 1] in ``fn.crop_mirror_normalize``; it also draws the lighting
 alpha. The last step (lighting offset, per-pixel mean image, dtype, channels_last) is
 ``fastres.data.batched.finish_batch``, the same code as the other backends. Validation: shorter
-side 256, center 224 crop.
+side 256, center 224 crop, with the reference's output sizes and crop position (from the file's
+header, ``fn.peek_image_shape``), so it matches the reference to a fraction of a level.
 
 Tested where DALI is installed (``tests/test_data_pipelines.py`` skips without it).
 """
@@ -59,11 +61,20 @@ class DaliBatchLoader:
         if mode not in ("train", "center", "center1"):
             raise ValueError(f"the dali backend builds 'train' and 'center' views, not {mode!r}")
         from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import math as dmath
+
+        def _center_pos(size, crop):
+            # DALI's anchor is round(pos * (size - crop)); the reference's is
+            # (size - crop) // 2: a quarter pixel past it rounds to it whatever the parity
+            d = size - float(crop)
+            return (dmath.floor(d * 0.5) + 0.25) / dmath.max(d, 1.0)
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError("--data-backend dali needs a CUDA device")
+        if self.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"--data-backend dali runs on a CUDA device or the CPU, not "
+                             f"{self.device.type!r}")
+        on_gpu = self.device.type == "cuda"
         self.mode = mode
         self.mean = None if base.mean is None else base.mean.to(self.device, torch.float32)
         self.out_dtype = out_dtype
@@ -80,7 +91,8 @@ class DaliBatchLoader:
             jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=train and
                                            shuffle, shard_id=shard_id, num_shards=num_shards,
                                            pad_last_batch=not train, name="Reader")
-            images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB)
+            images = fn.decoders.image(jpegs, device="mixed" if on_gpu else "cpu",
+                                       output_type=types.RGB)
             if train:
                 size = fn.random.uniform(values=[float(v) for v in range(low, high + 1)])
                 images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_LINEAR,
@@ -92,16 +104,26 @@ class DaliBatchLoader:
                     output_layout="CHW", mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0])
                 alpha = fn.random.normal(shape=[3]) * alphastd
             else:
-                images = fn.resize(images, resize_shorter=float(test),
+                # the reference's sizes and crop exactly (fastres.data.transforms
+                # shorter_side_size and center_crop), computed from the file's header
+                hw = fn.peek_image_shape(jpegs)
+                h, w = fn.cast(hw[0], dtype=types.FLOAT), fn.cast(hw[1], dtype=types.FLOAT)
+                scale = float(test) / dmath.min(h, w)
+                out_h = dmath.max(float(test), dmath.floor(h * scale + 0.5))
+                out_w = dmath.max(float(test), dmath.floor(w * scale + 0.5))
+                images = fn.resize(images, resize_y=out_h, resize_x=out_w,
                                    interp_type=types.INTERP_LINEAR, antialias=True)
                 images = fn.crop_mirror_normalize(
-                    images, crop=(crop, crop), dtype=types.FLOAT, output_layout="CHW",
-                    mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0])
+                    images, crop=(crop, crop), crop_pos_y=_center_pos(out_h, crop),
+                    crop_pos_x=_center_pos(out_w, crop), dtype=types.FLOAT,
+                    output_layout="CHW", mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0])
                 alpha = fn.random.normal(shape=[3]) * 0.0
             return images, alpha, label
 
-        device_id = self.device.index if self.device.index is not None else \
-            torch.cuda.current_device()
+        device_id = None  # DALI's CPU-only mode
+        if on_gpu:
+            device_id = self.device.index if self.device.index is not None else \
+                torch.cuda.current_device()
         self.pipe = pipe(batch_size=batch_size, num_threads=max(1, num_workers),
                          device_id=device_id, seed=seed)
         self.pipe.build()

@@ -47,8 +47,9 @@ def resolve_data_backend(name: str, dataset, device) -> str:
     if name == "dali":
         from .dali_pipeline import require_dali
         require_dali()
-        if device.type != "cuda":
-            raise ValueError("--data-backend dali needs a CUDA device")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"--data-backend dali runs on a CUDA device or the CPU, not "
+                             f"{device.type!r}")
     return name
 
 

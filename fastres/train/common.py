@@ -27,8 +27,8 @@ def add_data_backend_argument(parser, help: str = DATA_BACKEND_HELP) -> None:
 def cli_data_backend(name: Optional[str], dataset, device) -> str:
     """``--data-backend name`` (None: auto) resolved for ``dataset`` on ``device``
     (``fastres.data.loaders.resolve_data_backend``); a combination that cannot run (not an
-    image folder, DALI not installed, DALI without CUDA) raises ``UsageError`` with the
-    message to print."""
+    image folder, DALI not installed, DALI on a device other than CUDA or the CPU) raises
+    ``UsageError`` with the message to print."""
     from fastres.data.loaders import resolve_data_backend
     try:
         return resolve_data_backend(name or "auto", dataset, device)

@@ -49,14 +49,16 @@ inline void check_param(const OptTensor& p, const at::Tensor& x, const char* nam
 
 // channels-last dense: the permutation (0, 2, ..., d-1, 1) is contiguous (size-1 dims take any
 // stride, as is_contiguous() allows). Read from the strides: x.permute(...) would build a view
-// through the dispatcher, a microsecond or two per call on a small CPU batch.
+// through the dispatcher, a microsecond or two per call on a small CPU batch. Sizes and strides
+// as SymInts: AOT tracing with dynamic shapes runs fastres::bn_act (bn_act_eager.cpp) on
+// symbolic tensors.
 inline bool is_channels_last_dense(const at::Tensor& x) {
   const int64_t d = x.dim();
   if (d < 3) return false;
-  int64_t expected = 1;
+  c10::SymInt expected = 1;
   auto next = [&](int64_t dim) {
-    const int64_t size = x.size(dim);
-    if (size != 1 && x.stride(dim) != expected) return false;
+    const c10::SymInt& size = x.sym_size(dim);
+    if (size != 1 && x.sym_stride(dim) != expected) return false;
     expected *= size;
     return true;
   };

@@ -21,33 +21,17 @@
 #include <optional>
 #include <tuple>
 
+#include "batch_norm_act.h"
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
 bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-// channels-last dense (the permutation (0, 2, ..., d-1, 1) contiguous), read from the sizes
-// and strides as SymInts: AOT tracing with dynamic shapes runs this code on symbolic tensors
-bool channels_last_dense(const at::Tensor& t) {
-  const int64_t d = t.dim();
-  if (d < 3) return false;
-  c10::SymInt expected = 1;
-  auto next = [&](int64_t dim) {
-    const c10::SymInt& size = t.sym_size(dim);
-    if (size != 1 && t.sym_stride(dim) != expected) return false;
-    expected *= size;
-    return true;
-  };
-  if (!next(1)) return false;
-  for (int64_t dim = d - 1; dim >= 2; --dim)
-    if (!next(dim)) return false;
-  return next(0);
-}
-
 // contiguous or dense channels-last, the two layouts the kernels take; else a contiguous copy
 at::Tensor dense_layout(const at::Tensor& t) {
-  if (t.is_contiguous() || channels_last_dense(t)) return t;
+  if (t.is_contiguous() || fastres::is_channels_last_dense(t)) return t;
   return t.contiguous();
 }
 

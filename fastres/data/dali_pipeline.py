@@ -23,7 +23,7 @@ import torch
 
 from .batched import finish_batch
 
-__all__ = ["DALI_PACKAGE", "DaliUnavailable", "require_dali", "DaliBatchLoader"]
+__all__ = ["DALI_PACKAGE", "DaliUnavailable", "require_dali", "check_device", "DaliBatchLoader"]
 
 DALI_PACKAGE = "nvidia-dali-cuda130"
 
@@ -47,6 +47,26 @@ def require_dali():
     return dali
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device, if DALI can feed it: a CUDA device, or the CPU (DALI's
+    CPU-only mode); else ValueError."""
+    device = torch.device(device)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--data-backend dali runs on a CUDA device or the CPU, not "
+                         f"{device.type!r}")
+    return device
+
+
+def _center_pos(size, crop: int):
+    """crop_pos for DALI's crop of ``crop`` pixels from ``size`` (DataNodes): DALI's anchor is
+    round(pos * (size - crop)), the reference's (size - crop) // 2; a quarter pixel past the
+    latter rounds to it whatever the parity."""
+    from nvidia.dali import math as dmath
+
+    d = size - float(crop)
+    return (dmath.floor(d * 0.5) + 0.25) / dmath.max(d, 1.0)
+
+
 class DaliBatchLoader:
     """Batches ``(x, y)`` on ``device`` from a DALI pipeline over ``base.samples`` (an
     ``ImageFolderDataset``), ``mode`` train or center; ``shard_id``/``num_shards`` split the
@@ -62,18 +82,9 @@ class DaliBatchLoader:
             raise ValueError(f"the dali backend builds 'train' and 'center' views, not {mode!r}")
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali import math as dmath
-
-        def _center_pos(size, crop):
-            # DALI's anchor is round(pos * (size - crop)); the reference's is
-            # (size - crop) // 2: a quarter pixel past it rounds to it whatever the parity
-            d = size - float(crop)
-            return (dmath.floor(d * 0.5) + 0.25) / dmath.max(d, 1.0)
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self.device = torch.device(device)
-        if self.device.type not in ("cuda", "cpu"):
-            raise ValueError(f"--data-backend dali runs on a CUDA device or the CPU, not "
-                             f"{self.device.type!r}")
+        self.device = check_device(device)
         on_gpu = self.device.type == "cuda"
         self.mode = mode
         self.mean = None if base.mean is None else base.mean.to(self.device, torch.float32)

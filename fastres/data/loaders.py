@@ -45,11 +45,9 @@ def resolve_data_backend(name: str, dataset, device) -> str:
                          f"this data set ({type(dataset).__name__}) has its own loader, use "
                          f"--data-backend auto or reference")
     if name == "dali":
-        from .dali_pipeline import require_dali
+        from .dali_pipeline import check_device, require_dali
         require_dali()
-        if device.type not in ("cuda", "cpu"):
-            raise ValueError(f"--data-backend dali runs on a CUDA device or the CPU, not "
-                             f"{device.type!r}")
+        check_device(device)
     return name
 
 

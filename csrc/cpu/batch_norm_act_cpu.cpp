@@ -16,13 +16,44 @@
 namespace fastres {
 namespace cpu {
 
+namespace {
+
+// What this CPU runs: the instruction sets each build is compiled for (bn_act_kernel_*.cpp).
+// at::get_cpu_capability() alone is not enough: it returns ATEN_CPU_CAPABILITY as set, so
+// ATEN_CPU_CAPABILITY=avx512 on a CPU without AVX-512 named a build that stops on an illegal
+// instruction (ATen's own dispatch checks the CPU as well).
+bool cpu_runs_avx2();
+
+bool cpu_runs_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         cpu_runs_avx2();
+#else
+  return false;
+#endif
+}
+
+bool cpu_runs_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
 const Kernels& kernels() {
   static const Kernels* k = [] {
-    // ATen's choice (cpuinfo, capped by ATEN_CPU_CAPABILITY), as its own kernels dispatch
+    // ATen's choice (cpuinfo, capped by ATEN_CPU_CAPABILITY), as its own kernels dispatch,
+    // and never a build this CPU cannot run
     const std::string cap = at::get_cpu_capability();
     const Kernels* pick = nullptr;
-    if (cap == "AVX512") pick = kernels_avx512();
-    if (!pick && (cap == "AVX512" || cap == "AVX2")) pick = kernels_avx2();
+    if (cap == "AVX512" && cpu_runs_avx512()) pick = kernels_avx512();
+    if (!pick && (cap == "AVX512" || cap == "AVX2") && cpu_runs_avx2()) pick = kernels_avx2();
     return pick ? pick : kernels_default();
   }();
   return *k;

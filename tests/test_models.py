@@ -156,24 +156,30 @@ def cifar_bottleneck(fused=True, **kwargs):
     (cifar_bottleneck, 32),
 ], ids=["resnet18", "resnet20", "cifar-bottleneck"])
 def test_running_statistics_equal_after_several_steps(build, size):
-    """Three SGD steps: every running statistic of the fused model within the numerics rule
-    of the unfused fp32 one against an fp64 run; num_batches_tracked identical."""
+    """Three training steps (forward, loss, backward) on three batches: every running
+    statistic of the fused model within the numerics rule of the unfused fp32 one against an
+    fp64 run; num_batches_tracked identical.
+
+    The weights stay as they are between the steps (no optimizer step): with SGD steps in
+    between, one ReLU whose fp64 pre-activation lies within fp32 rounding of zero passes its
+    gradient in one fp32 run and not in the other, and the next steps' weights, hence
+    statistics, then differ by ~1e-5 with neither implementation in error (seen on an AMD
+    AVX2 machine: resnet20's layer1.2.bn1 has a pre-activation under 2e-6 in the fp64 run,
+    and exactly the parameters before it moved). Gradients are compared under the numerics
+    rule, mask flips allowed for, by the op tests."""
     torch.manual_seed(0)
     fused = randomize_bn(build(True))
     plain = build(False)
     plain.load_state_dict(fused.state_dict())
     ref = copy.deepcopy(plain).double()
     models = (fused, plain, ref)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-            for m in models]
     torch.manual_seed(2)
     batches = [(torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))) for _ in range(3)]
     for x, t in batches:
-        for model, opt in zip(models, opts):
-            opt.zero_grad()
+        for model in models:
+            model.zero_grad()
             dtype = next(model.parameters()).dtype
             F.cross_entropy(model(x.to(dtype)).float(), t).backward()
-            opt.step()
     sf, sp, sr = (m.state_dict() for m in models)
     assert list(sf) == list(sp) == list(sr)
     moved = 0

@@ -22,23 +22,21 @@ namespace {
 // at::get_cpu_capability() alone is not enough: it returns ATEN_CPU_CAPABILITY as set, so
 // ATEN_CPU_CAPABILITY=avx512 on a CPU without AVX-512 named a build that stops on an illegal
 // instruction (ATen's own dispatch checks the CPU as well).
-bool cpu_runs_avx2();
+bool cpu_runs_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
 
 bool cpu_runs_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          cpu_runs_avx2();
-#else
-  return false;
-#endif
-}
-
-bool cpu_runs_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
-         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
 #else
   return false;
 #endif

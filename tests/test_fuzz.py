@@ -18,7 +18,6 @@ budget, FASTRES_FUZZ_SEED draws other cases, FASTRES_FUZZ_ONLY=3,17 runs only th
 The case counts appear in pytest's terminal summary.
 """
 import contextlib
-import importlib.util
 import os
 
 import numpy as np
@@ -31,14 +30,12 @@ import fuzzing
 from fastres.functional import batch_norm_add_relu, batch_norm_relu
 from fuzzing import DTYPES, SEED, assert_matches, bn_case, bn_data, layout_as, record, \
     reference_bn
+from backend_cases import (HAS_CUDA, HAS_TRITON, INTERPRET, backend_params, gpu,
+                           require_backend)
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CHUNK = 25
 ONLY = [int(i) for i in os.environ.get("FASTRES_FUZZ_ONLY", "").split(",") if i.strip()]
 
-gpu = pytest.mark.gpu
 # NaN and inf inputs are the point: numpy's warnings about them (Triton's interpreter) are noise
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -47,23 +44,6 @@ def _chunks(total):
     if ONLY:
         return [ONLY]
     return [list(range(i, min(i + CHUNK, total))) for i in range(0, total, CHUNK)]
-
-
-def _backends():
-    """(backend, device) of every backend; the GPU ones skip without a GPU."""
-    cases = [pytest.param("cpu", "cpu", id="cpu")]
-    if HAS_TRITON and INTERPRET and not HAS_CUDA:
-        cases.append(pytest.param("triton", "cpu", id="triton-interpreter"))
-    cases.append(pytest.param("cuda", "cuda", id="cuda", marks=gpu))
-    cases.append(pytest.param("triton", "cuda", id="triton-gpu", marks=gpu))
-    return cases
-
-
-def _require(backend):
-    if backend == "cuda" and not fastres.build_info()["cuda"]:
-        pytest.skip("fastres was built without its CUDA kernels")
-    if backend == "triton" and not HAS_TRITON:
-        pytest.skip("triton is not installed")
 
 
 def _label(backend, device):
@@ -233,11 +213,11 @@ def check_bn_case(index, backend, device):
         record(f"{key}: cases with NaN/inf compared position by position")
 
 
-@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("indices", _chunks(fuzzing.BN_CASES),
                          ids=lambda ix: f"cases{ix[0]}-{ix[-1]}")
 def test_batch_norm_fuzz(backend, device, indices):
-    _require(backend)
+    require_backend(backend)
     _run_chunk(indices, lambda i: check_bn_case(i, backend, device),
                lambda i: bn_case(i).describe())
 
@@ -367,6 +347,6 @@ def _conv_devices():
 @pytest.mark.parametrize("indices", _chunks(fuzzing.CONV_CASES),
                          ids=lambda ix: f"cases{ix[0]}-{ix[-1]}")
 def test_conv_bn_fuzz(device, indices):
-    _require("triton")
+    require_backend("triton")
     _run_chunk(indices, lambda i: check_conv_case(i, device),
                lambda i: fuzzing.conv_case(i).describe())

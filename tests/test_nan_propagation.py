@@ -2,9 +2,7 @@
 every backend (the cases of issue 12, spelled out; tests/test_fuzz.py fuzzes the rest), a
 fused ResNet-20's loss and running statistics, and fastres-train, which stops with its
 divergence message when a NaN pixel reaches the loss and keeps the last good checkpoint."""
-import importlib.util
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -18,30 +16,12 @@ from fastres.functional import batch_norm_add_relu, batch_norm_relu
 from fastres.train import load_checkpoint
 from fastres.train import cli
 from fastres.train import trainer as trainer_mod
+from backend_cases import (HAS_CUDA, HAS_TRITON, INTERPRET, backend_params, gpu,
+                           require_backend)
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NAN, INF = float("nan"), float("inf")
-gpu = pytest.mark.gpu
 # NaN and inf inputs are the point: numpy's warnings about them (Triton's interpreter) are noise
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-
-def _backends():
-    cases = [pytest.param("cpu", "cpu", id="cpu")]
-    if HAS_TRITON and INTERPRET and not HAS_CUDA:
-        cases.append(pytest.param("triton", "cpu", id="triton-interpreter"))
-    cases.append(pytest.param("cuda", "cuda", id="cuda", marks=gpu))
-    cases.append(pytest.param("triton", "cuda", id="triton-gpu", marks=gpu))
-    return cases
-
-
-def _require(backend):
-    if backend == "cuda" and not fastres.build_info()["cuda"]:
-        pytest.skip("fastres was built without its CUDA kernels")
-    if backend == "triton" and not HAS_TRITON:
-        pytest.skip("triton is not installed")
 
 
 def _same_special_values(a, b):
@@ -53,7 +33,7 @@ def _same_special_values(a, b):
 # ---------------------------------------------------------------------------------------------
 # The fused ops: the cases of the issue
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("special", [NAN, INF, -INF], ids=["nan", "+inf", "-inf"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
@@ -61,7 +41,7 @@ def test_one_special_value_spreads_as_in_pytorch(backend, device, special, train
     """One NaN/inf in a (4, 3, 3, 3) batch: in training it reaches its channel's statistics
     (PyTorch: 36 NaNs for a NaN), in eval only its own output; the fused op gives the same
     values at the same positions, the same running statistics and the same gradients."""
-    _require(backend)
+    require_backend(backend)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 3, 3, generator=g)
     x[1, 2, 0, 1] = special
@@ -96,11 +76,11 @@ def test_one_special_value_spreads_as_in_pytorch(backend, device, special, train
         assert int(torch.isnan(results[0][0]).sum()) == 36
 
 
-@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_gradient_passes_where_the_output_is_nan(backend, device):
     """threshold_backward(grad, out, 0) is 0 only where out <= 0: where the output is NaN the
     gradient goes through (eval: grad_input = grad * w * invstd, finite)."""
-    _require(backend)
+    require_backend(backend)
     x = torch.tensor([[1.0, -1.0], [NAN, -2.0], [0.5, 3.0]], device=device, requires_grad=True)
     rm, rv = torch.zeros(2, device=device), torch.ones(2, device=device)
     w = torch.tensor([2.0, 1.0], device=device)
@@ -208,7 +188,7 @@ def test_resnet20_eval_logits_match_plain_special_values(special, conv):
 def test_resnet20_nan_pixel_on_gpu(backend):
     """The same on a GPU, training and folded eval, for each BatchNorm backend (cuDNN's own
     fused conv + ReLU, which would turn the NaN into 0, is not used)."""
-    _require(backend)
+    require_backend(backend)
     fused, plain = _pair()
     fused.cuda(), plain.cuda()
     x, y = _batch(NAN)

@@ -318,14 +318,7 @@ def _sync_version(module: BatchNormAct2d, process_group) -> SyncBatchNormAct2d:
         out = SyncBatchNormReLU2d(module.num_features, **common)
     else:
         out = SyncBatchNormAct2d(module.num_features, relu=module.relu, **common)
-    # the same Parameter and buffer objects (device, dtype, requires_grad, optimizer state)
-    out.weight, out.bias = module.weight, module.bias
-    out.running_mean, out.running_var = module.running_mean, module.running_var
-    out.num_batches_tracked = module.num_batches_tracked
-    out.training = module.training
-    if hasattr(module, "qconfig"):
-        out.qconfig = module.qconfig
-    return out
+    return _share_state(out, module)
 
 
 def _sync_from_plain(module: nn.BatchNorm2d, process_group) -> SyncBatchNormAct2d:
@@ -334,6 +327,12 @@ def _sync_from_plain(module: nn.BatchNorm2d, process_group) -> SyncBatchNormAct2
                              affine=module.affine,
                              track_running_stats=module.track_running_stats, relu=False,
                              fused=True, process_group=process_group)
+    return _share_state(out, module)
+
+
+def _share_state(out: SyncBatchNormAct2d, module: nn.BatchNorm2d) -> SyncBatchNormAct2d:
+    """`out` with `module`'s Parameter and buffer objects themselves (device, dtype,
+    requires_grad, optimizer state), training mode and qconfig."""
     out.weight, out.bias = module.weight, module.bias
     out.running_mean, out.running_var = module.running_mean, module.running_var
     out.num_batches_tracked = module.num_batches_tracked

@@ -238,3 +238,58 @@ def test_fake_kernels_give_shapes_for_torch_compile():
         assert gx.shape == x.shape and gw.shape == w.shape and gg.shape == gb.shape == (64,)
         out = torch.ops.fastres.conv_bias_act_cudnn(x, w, torch.empty(128), None, 2, 1, True)
         assert out.shape == (8, 128, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------
+# The build without the frontend ("and without it, cleanly"): setup.py's decision, and the one
+# translation unit that changes (csrc/ops.cpp, the only user of the fusion macros; the cuDNN
+# graphs live in csrc/cuda/conv_bn_cudnn.cpp, which such a build leaves out)
+# ---------------------------------------------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def _setup_function(name):
+    """A top-level function of setup.py, without running setup()."""
+    import ast
+    import os
+    from pathlib import Path
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope = {"os": os, "Path": Path, "CUDA_HOME": "/usr/local/cuda"}
+    exec(compile(ast.Module([fn], []), "setup.py", "exec"), scope)
+    return scope[name]
+
+
+def test_setup_decides_to_build_without_the_frontend(monkeypatch, tmp_path):
+    cudnn_fusion = _setup_function("cudnn_fusion")
+    monkeypatch.setenv("FASTRES_NO_CUDNN_FUSION", "1")
+    assert cudnn_fusion() == (None, None, "disabled")
+    monkeypatch.delenv("FASTRES_NO_CUDNN_FUSION")
+    monkeypatch.setenv("FASTRES_CUDNN_FRONTEND_INCLUDE", str(tmp_path))  # no cudnn_frontend.h
+    assert cudnn_fusion() == (None, None, "no_frontend")
+    (tmp_path / "cudnn_frontend.h").write_text("")
+    monkeypatch.setenv("FASTRES_CUDNN_ROOT", str(tmp_path / "no-cudnn"))
+    assert cudnn_fusion() == (None, None, "no_cudnn")
+
+
+@pytest.mark.parametrize("why", ["DISABLED", "NO_FRONTEND"])
+def test_ops_cpp_compiles_without_the_frontend(why):
+    """csrc/ops.cpp as a CUDA build without the frontend compiles it: the op stubs that say why
+    and build_info()'s reason (a compile error here would only show in such a build)."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    includes += [f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}"]
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", *includes, "-DFASTRES_WITH_CUDA",
+           f"-DFASTRES_CUDNN_FUSION_WHY_{why}", "-DTORCH_EXTENSION_NAME=_C",
+           "-DTORCH_API_INCLUDE_EXTENSION_H", str(ROOT / "csrc/ops.cpp")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -81,6 +81,9 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_residual"] = has_residual;
     ctx->mark_non_differentiable({mean, var});
+    // mean and var never get a gradient: left undefined instead of two zero [C] tensors
+    // allocated and filled on every backward
+    ctx->set_materialize_grads(false);
     return {out, mean, var};
   }
 

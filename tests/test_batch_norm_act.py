@@ -217,6 +217,25 @@ def test_grad_output_in_another_layout(backend, device):
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_backward_allocates_no_gradients_for_the_statistics():
+    """The C++ autograd node leaves the (never used) gradients of the batch mean and variance
+    undefined: no zero [C] tensors are allocated and filled on each backward."""
+    x = torch.randn(2, 6, 3, 3, requires_grad=True)
+    w = torch.ones(6, requires_grad=True)
+    b = torch.zeros(6, requires_grad=True)
+    g = torch.randn(2, 6, 3, 3)
+    with fastres.backend("cpu"):
+        y = batch_norm_relu(x, torch.zeros(6), torch.ones(6), w, b, True)
+    with torch.profiler.profile() as prof:
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)
+    names = [e.key for e in prof.key_averages()]
+    assert "fastres::bn_act_backward" in names
+    assert not {"aten::zeros", "aten::zeros_like", "aten::zero_"} & set(names), names
+    rx, rw, rb = torch.autograd.grad(
+        unfused(x, None, torch.zeros(6), torch.ones(6), w, b, True, 0.1, 1e-5), (x, w, b), g)
+    torch.testing.assert_close((gx, gw, gb), (rx, rw, rb), rtol=1e-5, atol=1e-5)
+
+
 def test_empty_batch_matches_pytorch():
     x = torch.randn(0, 4, 3, 3, requires_grad=True)
     y = batch_norm_relu(x, torch.zeros(4), torch.ones(4), None, None, False)

@@ -128,8 +128,13 @@ def _make_autograd(backward_op):
         ctx.save_for_backward(input, out if keep_out else None, weight, bias, mean, var)
         ctx.config = (training, eps, relu, has_residual)
         ctx.mark_non_differentiable(mean, var)
+        # the statistics never get a gradient: left None instead of zero [C] tensors made
+        # on every backward (a kernel launch each on a GPU)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, _grad_mean, _grad_var):
+        if grad_out is None:  # no gradient reached the output: none for the inputs
+            return (None,) * 9
         input, out, weight, bias, mean, var = ctx.saved_tensors
         training, eps, relu, has_residual = ctx.config
         grad_out = _same_layout(grad_out, input)

@@ -144,9 +144,14 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (stride, padding, in_eps, in_relu, in_training)
     ctx.inference_only = bias is not None or residual is not None or relu
     ctx.mark_non_differentiable(output[1], output[2])
+    # the statistics never get a gradient: left None instead of zero [C] tensors made on
+    # every backward (a kernel launch each on a GPU)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    if grad_out is None:  # no gradient reached the output: none for the inputs
+        return (None,) * 15
     if ctx.inference_only:
         raise RuntimeError("fastres: the Triton convolution's bias/residual/ReLU epilogue is "
                            "inference-only (no backward); in training the BatchNorm follows "

@@ -201,6 +201,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, in_weight, in_bias, in_mean, in_var)
     ctx.config = (stride, padding, in_eps, in_relu)
     ctx.mark_non_differentiable(output[1], output[2])
+    # the statistics never get a gradient: left None instead of zero [C] tensors made on
+    # every backward (a kernel launch each)
+    ctx.set_materialize_grads(False)
 
 
 def _input_grads(ctx, in_weight, in_bias, grad_x, grad_w, grad_in_w, grad_in_b):
@@ -215,6 +218,8 @@ def _input_grads(ctx, in_weight, in_bias, grad_x, grad_w, grad_in_w, grad_in_b):
 
 
 def _backward(ctx, grad_out, _grad_sum, _grad_sqsum):
+    if grad_out is None:  # no gradient reached the output: none for the inputs
+        return (None,) * 11
     x, weight, in_weight, in_bias, in_mean, in_var = ctx.saved_tensors
     stride, padding, in_eps, in_relu = ctx.config
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -377,10 +382,13 @@ class _EvalPrologue(torch.autograd.Function):
         out = torch.ops.fastres.conv_bn_forward_cudnn(x, weight, in_weight, in_bias, in_mean,
                                                       in_var, s, p, eps, in_relu, stats)
         ctx.mark_non_differentiable(out[1], out[2])
+        ctx.set_materialize_grads(False)  # as _setup_context
         return out
 
     @staticmethod
     def backward(ctx, grad_out, _g1, _g2):
+        if grad_out is None:
+            return (None,) * 11
         x, weight, in_weight, in_bias, in_mean, in_var = ctx.saved_tensors
         s, p, eps, in_relu = ctx.config
         nx, nw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

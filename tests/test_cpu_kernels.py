@@ -257,8 +257,9 @@ def test_folded_cpu_inference_matches_plain_and_keeps_nan(channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_folded_cpu_inference_residual_at_small_outputs(hw, channels_last):
     """A bottleneck's last convolution with the residual, at the output sizes of a ResNet-50's
-    last stage on small images (torch 2.11's oneDNN binary op cannot take a 1x1 output): the
-    folded result is the plain block's, NaN included."""
+    last stage on small images (torch 2.11's oneDNN binary post-op could not take a 1x1 output),
+    an NCHW residual beside the channels-last convolution output included: the folded result is
+    the plain block's, NaN included."""
     from fastres.nn import conv_bn as cb
 
     torch.manual_seed(0)

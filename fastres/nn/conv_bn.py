@@ -6,8 +6,9 @@ In eval mode, with no gradient needed, the BatchNorm is folded into the convolut
 and bias, ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``,
 and the add and ReLU run in the convolution's epilogue: with the conv backend "triton" in
 fastres' Triton convolution (bias + residual + ReLU epilogue); on a CPU (float32) in oneDNN's
-convolution with the folded weight prepacked for the input's shape, bias and residual added in
-its epilogue, then an in-place ``torch.relu_`` (oneDNN's own ReLU post-op turns NaN into 0);
+convolution with the folded weight prepacked for the input's shape and the bias in its
+epilogue, then the residual add and the ReLU in place (oneDNN's own ReLU post-op turns NaN
+into 0);
 elsewhere as ``conv2d`` + add + ReLU. On CUDA with the cuDNN convolution, a conv-BN(-add)-ReLU is not folded: cuDNN's fused
 ``torch.cudnn_convolution_relu`` / ``_add_relu`` turn NaN into 0 (PyTorch builds their
 activation with CUDNN_NOT_PROPAGATE_NAN), so the convolution runs alone and the fused
@@ -175,26 +176,20 @@ def _packed(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor):
 
 
 def _onednn_conv_bn_act(conv, bn, x, residual, relu):
-    """conv(x, w') + b' (+ residual) in one oneDNN call (bias and residual in its epilogue), then
-    an in-place ReLU (oneDNN's ReLU post-op turns NaN into 0; torch.relu_ keeps it). oneDNN runs
+    """conv(x, w') + b' in one oneDNN call (the bias in its epilogue), then the residual added
+    and the ReLU applied in place (``add_``, ``torch.relu_``). Not oneDNN's post-ops for them:
+    its ReLU turns NaN into 0, and its binary add post-op measured slower over a whole
+    ResNet-20 inference than the separate add (docs/cpu/2026-12-01-onednn-residual.md).
+    Not ``aten::_add_relu_`` either: its scalar path (mixed layouts) loses NaN. oneDNN runs
     the prepacked convolution channels-last: the output is channels-last."""
-    def dense(t):
-        if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-            return t
-        return t.contiguous()
-
-    x = dense(x)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
     packed, bias = _packed(conv, bn, x)
-    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    if residual is None or residual.shape[-2:] == (1, 1):
-        # torch 2.11's binary op fails ("could not create a memory") on a 1x1 output (the last
-        # stage of a ResNet at 32x32): the residual is added after the convolution there
-        y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
-        if residual is not None:
-            y = y.add_(residual)
-    else:
-        y = torch.ops.mkldnn._convolution_pointwise.binary(x, dense(residual), packed, bias,
-                                                           *args, "add", 1.0, None, [], "")
+    y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(conv.padding),
+                                                list(conv.stride), list(conv.dilation),
+                                                conv.groups, "none", [], "")
+    if residual is not None:
+        y = y.add_(residual)
     return torch.relu_(y) if relu else y
 
 

@@ -279,6 +279,38 @@ def test_folded_cpu_inference_residual_at_small_outputs(hw, channels_last):
     assert torch.equal(got.isnan(), want.isnan())
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_folded_cpu_inference_of_one_small_image_uses_the_native_convolution(channels_last):
+    """Where PyTorch runs a small convolution natively instead of through oneDNN (one image of
+    at most 20480 elements, 3x3 kernel), the folded inference does too (no packed oneDNN
+    weight is made), in the input's layout, with the plain block's result, NaN included; a
+    batch of two goes through oneDNN again."""
+    from fastres.nn import conv_bn as cb
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    bn = torch.nn.BatchNorm2d(16).eval()
+    bn.running_mean.normal_(0, 0.3)
+    bn.running_var.uniform_(0.5, 2.0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(1, 16, 32, 32).contiguous(memory_format=fmt)  # 16384 elements
+    r = torch.randn(1, 16, 32, 32).contiguous(memory_format=fmt)
+    r[0, 2, 3, 4] = float("nan")
+    assert cb._native_cpu_conv(conv, x)
+    with torch.no_grad():
+        got = cb.conv_bn_act(conv, bn, x, r, relu=True)
+        assert bn not in cb._PACKED
+        assert got.is_contiguous(memory_format=fmt)
+        want = torch.relu(bn(conv(x)) + r)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+        assert torch.equal(got.isnan(), want.isnan())
+        x2 = torch.cat([x, x]).contiguous(memory_format=fmt)
+        assert not cb._native_cpu_conv(conv, x2)
+        torch.testing.assert_close(cb.conv_bn_act(conv, bn, x2, None, relu=True),
+                                   torch.relu(bn(conv(x2))), rtol=1e-4, atol=1e-5)
+        assert bn in cb._PACKED
+
+
 def test_folded_cpu_inference_model_copies_and_pickles(tmp_path):
     """The packed oneDNN weights live beside the modules: deepcopy and torch.save of a model that
     ran inference work, and the copy computes the same."""

@@ -127,9 +127,10 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
         if residual is None:
             return batch_norm_relu(y, **args)
         return batch_norm_add_relu(y, residual.to(y.dtype), **args)
-    x = cpu_channels_last(x)
-    if _onednn_ok(conv, x, residual):
-        return _onednn_conv_bn_act(conv, bn, x, residual, relu)
+    if not _native_cpu_conv(conv, x):
+        x = cpu_channels_last(x)
+        if _onednn_ok(conv, x, residual):
+            return _onednn_conv_bn_act(conv, bn, x, residual, relu)
     channels_last = x.dim() == 4 and not x.is_contiguous() and \
         x.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -147,6 +148,24 @@ _ONEDNN = os.environ.get("FASTRES_CPU_ONEDNN", "1") != "0"
 # BatchNorm module -> (key, packed weight, bias, folded weight): beside the module, not in its
 # __dict__, so deepcopy and pickling of a model never meet the opaque oneDNN tensor
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _native_cpu_conv(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Where PyTorch itself runs a float32 CPU convolution with its native kernel rather than
+    oneDNN (its ConvParams::use_mkldnn): a single image of at most 20480 elements with a kernel
+    of at most 3x3 and no groups, or a 1x1 unstrided kernel on one thread below a batch of 16.
+    There the folded inference does the same (F.conv2d in the input's layout): at batch 1
+    oneDNN's prepacked convolution took 141 us a call against 97 us for the native one
+    (ResNet-20's layers, channels-last), and fastres's whole ResNet-20 was slower than plain
+    PyTorch (docs/cpu/2026-12-01-onednn-residual.md)."""
+    if x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32:
+        return False
+    n = x.shape[0]
+    kh, kw = conv.kernel_size
+    strided = any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation)
+    if (kh, kw) == (1, 1) and not strided and n < 16 and torch.get_num_threads() == 1:
+        return True
+    return not (conv.groups > 1 or (kh > 3 and kw > 3) or n > 1 or x.numel() > 20480)
 
 
 def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor]) -> bool:

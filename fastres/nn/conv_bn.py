@@ -42,8 +42,16 @@ __all__ = ["ConvBNReLU", "conv_bn_act", "fold_conv_bn"]
 
 
 def _tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    return [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                        bn.running_var) if t is not None]
+    """The convolution's and BatchNorm's parameters and running statistics that exist. Read
+    from the modules' dictionaries (nn.Module.__getattr__ costs about a microsecond a name,
+    paid on every layer call of the folded inference); through the attributes where one is
+    not there (a parametrized weight, a subclass that computes it)."""
+    try:
+        p, q, b = conv._parameters, bn._parameters, bn._buffers
+        ts = (p["weight"], p["bias"], q["weight"], q["bias"], b["running_mean"], b["running_var"])
+    except KeyError:
+        ts = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return [t for t in ts if t is not None]
 
 
 def can_fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
@@ -81,9 +89,9 @@ def _cache_key(conv, bn, dtype, memory_format):
     ``num_batches_tracked`` in place, which does; so the counter is part of the key.
     """
     parts = [dtype, str(memory_format)]  # (torch.save cannot pickle a memory_format)
-    counter = getattr(bn, "num_batches_tracked", None)
+    counter = bn._buffers.get("num_batches_tracked")
     for t in _tensors(conv, bn) + ([counter] if counter is not None else []):
-        parts += [t.data_ptr(), t._version, t.dtype, t.device]
+        parts.append((t.data_ptr(), t._version, t.dtype, t.device))
     return tuple(parts)
 
 
@@ -158,7 +166,8 @@ def _native_cpu_conv(conv: nn.Conv2d, x: Tensor) -> bool:
     oneDNN's prepacked convolution took 141 us a call against 97 us for the native one
     (ResNet-20's layers, channels-last), and fastres's whole ResNet-20 was slower than plain
     PyTorch (docs/cpu/2026-12-01-onednn-residual.md)."""
-    if x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32:
+    if (x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32
+            or torch.compiler.is_compiling()):  # under torch.compile Inductor decides
         return False
     n = x.shape[0]
     kh, kw = conv.kernel_size

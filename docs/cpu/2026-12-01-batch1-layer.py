@@ -1,3 +1,6 @@
+"""One fused layer at batch 1 on the CPU (eval, no_grad): fastres.nn.conv_bn.conv_bn_act and its
+parts against the bare folded convolution + ReLU; medians in us (used in
+docs/cpu/2026-12-01-onednn-residual.md)."""
 import torch, time, statistics
 import torch.nn as nn, torch.nn.functional as F
 import fastres.nn.conv_bn as cb

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..export import exporting
 from ..functional import batch_norm_add_relu, batch_norm_relu
+from ..ops.batch_norm_act import _dense_layout
 from ..ops.conv_bn import compute_dtype, conv_bn
 from .batch_norm import BatchNormAct2d, bn_arguments
 from .conv_bn_chain import conv_bn_pending, fused_conv_backend, materialize, triton_conv_for
@@ -210,8 +211,7 @@ def _onednn_conv_bn_act(conv, bn, x, residual, relu):
     ResNet-20 inference than the separate add (docs/cpu/2026-12-01-onednn-residual.md).
     Not ``aten::_add_relu_`` either: its scalar path (mixed layouts) loses NaN. oneDNN runs
     the prepacked convolution channels-last: the output is channels-last."""
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
+    x = _dense_layout(x)
     packed, bias = _packed(conv, bn, x)
     y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(conv.padding),
                                                 list(conv.stride), list(conv.dilation),

@@ -39,7 +39,35 @@ def exporting() -> bool:
     if torch.compiler.is_compiling():
         # torch.compile keeps the fused ops; torch.export (strict or not) does not
         return _is_exporting()
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting()
+    return torch.jit.is_tracing() or _in_onnx_export() or _is_exporting()
+
+
+def running_eagerly() -> bool:
+    """True outside torch.compile, tracing (torch.jit.trace, ONNX) and torch.export, whatever
+    :func:`keep_fused_ops` says: where Python-side caches of a module may stand in for its
+    computation (fastres.nn.conv_bn's inference plans)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _in_onnx_export()
+                or _is_exporting())
+
+
+_ONNX_FLAGS = None
+
+
+def _in_onnx_export() -> bool:
+    """torch.onnx.is_in_onnx_export() without its two import statements on every call (this
+    runs on every layer call of a fused model: the imports cost more than the check)."""
+    global _ONNX_FLAGS
+    if _ONNX_FLAGS is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+            _ONNX_FLAGS = (_flags, GLOBALS)
+        except ImportError:  # another torch layout: the public function
+            _ONNX_FLAGS = ()
+    if not _ONNX_FLAGS:
+        return torch.onnx.is_in_onnx_export()
+    flags, globals_ = _ONNX_FLAGS
+    return bool(globals_.in_onnx_export or flags._is_onnx_exporting)
 
 
 def _is_exporting() -> bool:

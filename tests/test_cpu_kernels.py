@@ -325,3 +325,73 @@ def test_folded_cpu_inference_model_copies_and_pickles(tmp_path):
         loaded = torch.load(tmp_path / "m.pt", weights_only=False)
         torch.testing.assert_close(clone(x), y)
         torch.testing.assert_close(loaded(x), y)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_folded_cpu_inference_plan_is_reused_only_while_it_holds(channels_last, monkeypatch):
+    """A layer's second folded CPU call with the same inputs runs by the plan its first call
+    left (the decision path is not taken again) and returns the same tensor bit for bit; a
+    plan is not used once the weights change in place, the running statistics are reloaded,
+    the batch grows from one image (native convolution) to two (oneDNN), the residual's dtype
+    changes, under autocast, inside torch.jit.trace (standard operators), or with gradients
+    enabled: each result is the plain layer's, NaN included."""
+    from fastres.nn import conv_bn as cb
+
+    calls = []
+    slow = cb.folded_conv_bn_act
+    monkeypatch.setattr(cb, "folded_conv_bn_act", lambda *a: calls.append(1) or slow(*a))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    bn = torch.nn.BatchNorm2d(8).eval()
+    bn.running_mean.normal_(0, 0.3)
+    bn.running_var.uniform_(0.5, 2.0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(1, 8, 10, 10).contiguous(memory_format=fmt)
+    r = torch.randn(1, 8, 10, 10).contiguous(memory_format=fmt)
+    r[0, 3, 2, 2] = float("nan")
+
+    def want(x, r=None):
+        y = bn(conv(x))
+        return torch.relu(y if r is None else y + r)
+
+    def check(got, x, r=None):
+        torch.testing.assert_close(got, want(x, r), rtol=1e-4, atol=1e-5, equal_nan=True)
+        assert torch.equal(got.isnan(), want(x, r).isnan())
+
+    with torch.no_grad():
+        first = cb.conv_bn_act(conv, bn, x, r)
+        assert len(calls) == 1 and bn in cb._PLANS
+        again = cb.conv_bn_act(conv, bn, x, r)
+        assert len(calls) == 1, "the second call ran by the plan"
+        assert torch.equal(again.isnan(), first.isnan())
+        assert torch.equal(again.nan_to_num(), first.nan_to_num())
+        assert again.stride() == first.stride()
+        check(again, x, r)
+        conv.weight.mul_(-1.5)  # in place, as an optimizer step
+        check(cb.conv_bn_act(conv, bn, x, r), x, r)
+        assert len(calls) == 2
+        bn.load_state_dict({**bn.state_dict(), "running_var": torch.full((8,), 3.0)})
+        check(cb.conv_bn_act(conv, bn, x, r), x, r)
+        assert len(calls) == 3
+        cb.conv_bn_act(conv, bn, x, r)
+        assert len(calls) == 3
+        x2 = torch.randn(2, 8, 10, 10).contiguous(memory_format=fmt)
+        check(cb.conv_bn_act(conv, bn, x2), x2)
+        assert len(calls) == 4 and cb._PLANS[bn][1], "two images: a oneDNN plan"
+        check(cb.conv_bn_act(conv, bn, x2), x2)
+        assert len(calls) == 4
+        check(cb.conv_bn_act(conv, bn, x2, r.double()), x2, r)
+        assert len(calls) == 5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cb.conv_bn_act(conv, bn, x2)
+        assert len(calls) == 6
+        layer = torch.nn.Module()
+        layer.conv, layer.bn = conv, bn
+        layer.forward = lambda t: cb.conv_bn_act(layer.conv, layer.bn, t)
+        traced = torch.jit.trace(layer, (x2,), check_trace=False)
+        assert "batch_norm" in str(traced.graph)
+    assert len(calls) == 6
+    out = cb.conv_bn_act(conv, bn, x2)  # gradients: not folded, no plan
+    assert out.requires_grad and len(calls) == 6
+    with torch.no_grad():
+        check(out, x2)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backends import get_conv_backend
 from ..export import exporting
 from .conv_bn import can_fold, conv_bn_act, make_batch_norm
 from .conv_bn_chain import conv_bn_pending, materialize, triton_conv_for
@@ -86,7 +87,10 @@ class _Block(nn.Module):
         """Run the block as a Triton conv chain (BatchNorm in the convolutions' prologues and
         epilogues)? Only for fused blocks whose first layer is not folded (training, or
         gradients needed) and that the conv backend puts on Triton."""
-        return (self.fused and not can_fold(self.conv1, self.bn1) and not exporting()
+        # the default conv backend ("cudnn": PyTorch's convolution) never chains: decided
+        # before can_fold, which costs microseconds on every block call of an inference
+        return (self.fused and get_conv_backend() != "cudnn"
+                and not can_fold(self.conv1, self.bn1) and not exporting()
                 and triton_conv_for(self.conv1, self.bn1, x, self.bn1.training))
 
     def _shortcut_chained(self, x: Tensor) -> Tensor:

@@ -21,7 +21,9 @@ layout. The folded
 weights are cached on the BatchNorm module and recomputed
 whenever the convolution's or BatchNorm's parameters or buffers change (in-place updates,
 ``load_state_dict``, ``.to()``), so a model never runs on stale folded weights; under
-torch.compile they are recomputed inside the graph.
+torch.compile they are recomputed inside the graph. On a CPU each layer keeps a plan of its
+folded call (``_PLANS``): a later call with the same inputs' dtype, shape and strides, thread
+count and parameter versions skips the decisions.
 """
 import os
 import weakref
@@ -32,11 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..export import exporting
+from ..export import exporting, running_eagerly
 from ..functional import batch_norm_add_relu, batch_norm_relu
 from ..ops.batch_norm_act import _dense_layout
 from ..ops.conv_bn import compute_dtype, conv_bn
 from .batch_norm import BatchNormAct2d, bn_arguments
+from ..backends import get_conv_backend
 from .conv_bn_chain import conv_bn_pending, fused_conv_backend, materialize, triton_conv_for
 
 __all__ = ["ConvBNReLU", "conv_bn_act", "fold_conv_bn"]
@@ -256,9 +259,98 @@ def cpu_conv_layout(x: Tensor, weight: Tensor) -> Tensor:
     return x if x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)
 
 
+# ---------------------------------------------------------------------------------------------
+# CPU inference plans: the folded layer's decisions, remembered per BatchNorm module
+# ---------------------------------------------------------------------------------------------
+# The folded CPU inference decides on every call (export? foldable? which convolution
+# backend, autocast dtype, PyTorch's native convolution or oneDNN, the layout) and looks its
+# folded weights up by a key of every parameter's version: some 60-85 us of Python a layer
+# call, measured inside a ResNet-20 at batch 1, more than the 3x3 convolution of 16-64
+# channels costs there, which made the fused model slower than plain PyTorch's modules. The
+# first call of a layer takes that path and leaves a plan: what it chose and the tensors it
+# chose them for; a later call whose key (the inputs' dtype, shape and strides, the thread
+# count, the global switches, every parameter's and statistic's data pointer and version)
+# equals the plan's runs the same convolution directly. Beside the modules, as _PACKED, so
+# that deepcopy and pickling never meet the opaque oneDNN weight.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+# torch.backends.mkldnn.enabled without its module property (read on every layer call)
+_mkldnn_enabled = getattr(torch._C, "_get_mkldnn_enabled", lambda: torch.backends.mkldnn.enabled)
+
+
+def _plan_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor]):
+    """Everything the folded CPU inference's decisions and folded weights depend on, or None
+    where no plan is kept (autocast, another convolution backend, a parametrized weight)."""
+    if (torch.is_autocast_enabled("cpu") or get_conv_backend() != "cudnn"
+            or "weight" not in conv._parameters):
+        return None
+    state = []
+    for d in (conv._parameters, bn._parameters, bn._buffers):
+        for t in d.values():
+            state.append(None if t is None else (t.data_ptr(), t._version))
+    return (x.dtype, x.shape, x.stride(), None if residual is None else residual.dtype,
+            torch.get_num_threads(), _mkldnn_enabled(), _ONEDNN, _CPU_CHANNELS_LAST,
+            tuple(state))
+
+
+def _planned(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor],
+             relu: bool):
+    """The layer's output by its plan, or None (no plan, or one made for other inputs or
+    weights) and the key a plan for this call would have."""
+    if not running_eagerly():  # Inductor, tracers, exporters: the full path
+        return None, None
+    key = _plan_key(conv, bn, x, residual)
+    plan = _PLANS.get(bn) if key is not None else None
+    if plan is None or plan[0] != key:
+        return None, key
+    _, onednn, weight, bias = plan
+    if residual is not None:
+        residual = residual.to(x.dtype)
+    if onednn:
+        x = _dense_layout(cpu_channels_last(x))
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding),
+                                                    list(conv.stride), list(conv.dilation),
+                                                    conv.groups, "none", [], "")
+        if residual is not None:
+            y = y.add_(residual)
+        return (torch.relu_(y) if relu else y), key
+    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if residual is not None:
+        y = y + residual
+    return (F.relu(y) if relu else y), key
+
+
+def _keep_plan(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor],
+               key) -> None:
+    """After the folded path ran on the CPU: remember its choice for `key` (the same
+    decisions as folded_conv_bn_act's CPU branch; the tensors from its caches)."""
+    if residual is not None:
+        residual = residual.to(x.dtype)
+    if _native_cpu_conv(conv, x):
+        onednn = False
+    else:
+        x = cpu_channels_last(x)
+        onednn = _onednn_ok(conv, x, residual)
+    if onednn:
+        weight, bias = _packed(conv, bn, _dense_layout(x))
+    else:
+        channels_last = x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        weight, bias = _folded(conv, bn, x.dtype, fmt)
+    _PLANS[bn] = (key, onednn, weight, bias)
+
+
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
                 relu: bool = True, fused: bool = True) -> Tensor:
     """relu?(bn(conv(x)) + residual?), fused when `fused` (and folded in eval)."""
+    key = None
+    if fused and x.is_cpu and not torch.is_grad_enabled() and not bn.training:
+        # folded CPU inference: by the layer's plan where it has one for these inputs
+        y, key = _planned(conv, bn, x, residual, relu)
+        if y is not None:
+            return y
     if fused and exporting():
         # exporters (ONNX, jit.trace, torch.export) get standard operators: conv, batch_norm,
         # add, relu (see fastres.export)
@@ -267,7 +359,10 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
             y = y + residual
         return F.relu(y) if relu else y
     if fused and can_fold(conv, bn):
-        return folded_conv_bn_act(conv, bn, x, residual, relu)
+        y = folded_conv_bn_act(conv, bn, x, residual, relu)
+        if key is not None:
+            _keep_plan(conv, bn, x, residual, key)
+        return y
     if fused and triton_conv_for(conv, bn, x, bn.training):
         return materialize(conv_bn_pending(conv, bn, x, relu, use_triton=True), residual)
     y = conv(cpu_conv_layout(x, conv.weight) if fused else x)

@@ -377,7 +377,7 @@ def test_folded_cpu_inference_plan_is_reused_only_while_it_holds(channels_last, 
         assert len(calls) == 3
         x2 = torch.randn(2, 8, 10, 10).contiguous(memory_format=fmt)
         check(cb.conv_bn_act(conv, bn, x2), x2)
-        assert len(calls) == 4 and cb._PLANS[bn][1], "two images: a oneDNN plan"
+        assert len(calls) == 4 and cb._PLANS[bn][2], "two images: a oneDNN plan"
         check(cb.conv_bn_act(conv, bn, x2), x2)
         assert len(calls) == 4
         check(cb.conv_bn_act(conv, bn, x2, r.double()), x2, r)
@@ -395,3 +395,27 @@ def test_folded_cpu_inference_plan_is_reused_only_while_it_holds(channels_last, 
     assert out.requires_grad and len(calls) == 6
     with torch.no_grad():
         check(out, x2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_folded_cpu_inference_plan_keeps_the_layout_of_other_dtypes(dtype):
+    """Outside float32 the folded CPU inference runs PyTorch's convolution on a channels-last
+    copy of an NCHW input: the planned call does the same (same strides, same values bit for
+    bit) as the call that made the plan."""
+    from fastres.nn import conv_bn as cb
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 10, 3, padding=1, bias=False).to(dtype)
+    bn = torch.nn.BatchNorm2d(10).to(dtype).eval()
+    bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 6, 9, 9, dtype=dtype)
+    with torch.no_grad():
+        first = cb.conv_bn_act(conv, bn, x)
+        assert bn in cb._PLANS and not cb._PLANS[bn][1]
+        again = cb.conv_bn_act(conv, bn, x)
+        want = torch.relu(bn(conv(x)))
+    assert again.stride() == first.stride()
+    assert torch.equal(again, first)
+    # (the folded weights are computed in float32: README, "Inference")
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(again, want, **tol)

@@ -34,12 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backends import get_conv_backend
 from ..export import exporting, running_eagerly
 from ..functional import batch_norm_add_relu, batch_norm_relu
 from ..ops.batch_norm_act import _dense_layout
 from ..ops.conv_bn import compute_dtype, conv_bn
 from .batch_norm import BatchNormAct2d, bn_arguments
-from ..backends import get_conv_backend
 from .conv_bn_chain import conv_bn_pending, fused_conv_backend, materialize, triton_conv_for
 
 __all__ = ["ConvBNReLU", "conv_bn_act", "fold_conv_bn"]
@@ -304,11 +304,13 @@ def _planned(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[
     plan = _PLANS.get(bn) if key is not None else None
     if plan is None or plan[0] != key:
         return None, key
-    _, onednn, weight, bias = plan
+    _, native, onednn, weight, bias = plan
     if residual is not None:
         residual = residual.to(x.dtype)
+    if not native:
+        x = cpu_channels_last(x)
     if onednn:
-        x = _dense_layout(cpu_channels_last(x))
+        x = _dense_layout(x)
         y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding),
                                                     list(conv.stride), list(conv.dilation),
                                                     conv.groups, "none", [], "")
@@ -327,9 +329,9 @@ def _keep_plan(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optiona
     decisions as folded_conv_bn_act's CPU branch; the tensors from its caches)."""
     if residual is not None:
         residual = residual.to(x.dtype)
-    if _native_cpu_conv(conv, x):
-        onednn = False
-    else:
+    native = _native_cpu_conv(conv, x)
+    onednn = False
+    if not native:
         x = cpu_channels_last(x)
         onednn = _onednn_ok(conv, x, residual)
     if onednn:
@@ -339,7 +341,7 @@ def _keep_plan(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optiona
             x.is_contiguous(memory_format=torch.channels_last)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         weight, bias = _folded(conv, bn, x.dtype, fmt)
-    _PLANS[bn] = (key, onednn, weight, bias)
+    _PLANS[bn] = (key, native, onednn, weight, bias)
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,

@@ -332,8 +332,8 @@ def test_folded_cpu_inference_plan_is_reused_only_while_it_holds(channels_last, 
     """A layer's second folded CPU call with the same inputs runs by the plan its first call
     left (the decision path is not taken again) and returns the same tensor bit for bit; a
     plan is not used once the weights change in place, the running statistics are reloaded,
-    the batch grows from one image (native convolution) to two (oneDNN), the residual's dtype
-    changes, under autocast, inside torch.jit.trace (standard operators), or with gradients
+    the batch grows from one image (native convolution) to two (oneDNN), the residual's dtype,
+    the BatchNorm's eps or the convolution's padding change, under autocast, inside torch.jit.trace (standard operators), or with gradients
     enabled: each result is the plain layer's, NaN included."""
     from fastres.nn import conv_bn as cb
 
@@ -382,17 +382,22 @@ def test_folded_cpu_inference_plan_is_reused_only_while_it_holds(channels_last, 
         assert len(calls) == 4
         check(cb.conv_bn_act(conv, bn, x2, r.double()), x2, r)
         assert len(calls) == 5
+        bn.eps = 0.5  # the folded weights depend on it
+        check(cb.conv_bn_act(conv, bn, x2), x2)
+        conv.padding = (0, 0)  # the packed oneDNN weight too
+        check(cb.conv_bn_act(conv, bn, x2), x2)
+        assert len(calls) == 7
         with torch.autocast("cpu", dtype=torch.bfloat16):
             cb.conv_bn_act(conv, bn, x2)
-        assert len(calls) == 6
+        assert len(calls) == 8
         layer = torch.nn.Module()
         layer.conv, layer.bn = conv, bn
         layer.forward = lambda t: cb.conv_bn_act(layer.conv, layer.bn, t)
         traced = torch.jit.trace(layer, (x2,), check_trace=False)
         assert "batch_norm" in str(traced.graph)
-    assert len(calls) == 6
+    assert len(calls) == 8
     out = cb.conv_bn_act(conv, bn, x2)  # gradients: not folded, no plan
-    assert out.requires_grad and len(calls) == 6
+    assert out.requires_grad and len(calls) == 8
     with torch.no_grad():
         check(out, x2)
 

@@ -86,13 +86,14 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtyp
 
 
 def _cache_key(conv, bn, dtype, memory_format):
-    """Identifies the tensors the folded weights were computed from, and their versions.
+    """Identifies the tensors the folded weights were computed from, their versions, and the
+    BatchNorm's eps.
 
     nn.BatchNorm2d updates its running statistics in training without bumping their
     ``_version`` (the update happens inside the batch_norm kernel), but it always increments
     ``num_batches_tracked`` in place, which does; so the counter is part of the key.
     """
-    parts = [dtype, str(memory_format)]  # (torch.save cannot pickle a memory_format)
+    parts = [dtype, str(memory_format), bn.eps]  # (torch.save cannot pickle a memory_format)
     counter = bn._buffers.get("num_batches_tracked")
     for t in _tensors(conv, bn) + ([counter] if counter is not None else []):
         parts.append((t.data_ptr(), t._version, t.dtype, t.device))
@@ -196,7 +197,8 @@ def _packed(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor):
     (``_folded``, which recomputes them when a parameter or statistic changes), and repacked
     when those change or the input shape does (oneDNN picks the weight layout for a shape)."""
     weight, bias = _folded(conv, bn, torch.float32, torch.channels_last)
-    key = (id(weight), weight._version, tuple(x.shape))
+    key = (id(weight), weight._version, tuple(x.shape), conv.stride, conv.padding, conv.dilation,
+           conv.groups)
     cache = _PACKED.get(bn)
     if cache is None or cache[0] != key or cache[3] is not weight:
         packed = torch.ops.mkldnn._reorder_convolution_weight(
@@ -291,7 +293,7 @@ def _plan_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional
             state.append(None if t is None else (t.data_ptr(), t._version))
     return (x.dtype, x.shape, x.stride(), None if residual is None else residual.dtype,
             torch.get_num_threads(), _mkldnn_enabled(), _ONEDNN, _CPU_CHANNELS_LAST,
-            tuple(state))
+            conv.stride, conv.padding, conv.dilation, conv.groups, bn.eps, tuple(state))
 
 
 def _planned(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor],

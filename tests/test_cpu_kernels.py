@@ -339,7 +339,8 @@ def test_folded_cpu_inference_plan_is_reused_only_while_it_holds(channels_last, 
 
     calls = []
     slow = cb.folded_conv_bn_act
-    monkeypatch.setattr(cb, "folded_conv_bn_act", lambda *a: calls.append(1) or slow(*a))
+    monkeypatch.setattr(cb, "folded_conv_bn_act",
+                        lambda *a, **k: calls.append(1) or slow(*a, **k))
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
     bn = torch.nn.BatchNorm2d(8).eval()

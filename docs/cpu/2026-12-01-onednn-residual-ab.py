@@ -6,10 +6,9 @@ import fastres.nn.conv_bn as cb
 from fastres.bench.model_benchmark import _suite_models, measure_side_by_side
 from fastres.bench.workloads import make_model_step
 
-def binary_post_op(conv, bn, x, residual, relu):  # the code before this change
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
-    packed, bias = cb._packed(conv, bn, x)
+def binary_post_op(conv, x, packed, bias, residual, relu):  # the code before this change
+    # (in the signature cb._onednn_conv_bn_act has since the inference plans: x dense, the
+    # weight prepacked by the caller)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     if residual is None or residual.shape[-2:] == (1, 1):
         y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")

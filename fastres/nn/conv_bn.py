@@ -112,8 +112,9 @@ def _folded(conv, bn, dtype, memory_format):
 
 
 def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
-                       residual: Optional[Tensor], relu: bool) -> Tensor:
-    """Eval-mode conv + BN (+ add) (+ ReLU) as one convolution with folded weights."""
+                       residual: Optional[Tensor], relu: bool, plan_key=None) -> Tensor:
+    """Eval-mode conv + BN (+ add) (+ ReLU) as one convolution with folded weights. With
+    `plan_key` (a CPU call, see _plan_key) the convolution it runs is kept as the layer's plan."""
     dtype = compute_dtype(x)
     x = x.to(dtype)
     if residual is not None:
@@ -140,14 +141,27 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
         if residual is None:
             return batch_norm_relu(y, **args)
         return batch_norm_add_relu(y, residual.to(y.dtype), **args)
-    if not _native_cpu_conv(conv, x):
+    native = _native_cpu_conv(conv, x)
+    onednn = False
+    if not native:
         x = cpu_channels_last(x)
-        if _onednn_ok(conv, x, residual):
-            return _onednn_conv_bn_act(conv, bn, x, residual, relu)
-    channels_last = x.dim() == 4 and not x.is_contiguous() and \
-        x.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    weight, bias = _folded(conv, bn, dtype, fmt)
+        onednn = _onednn_ok(conv, x, residual)
+    if onednn:
+        x = _dense_layout(x)
+        weight, bias = _packed(conv, bn, x)
+    else:
+        channels_last = x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        weight, bias = _folded(conv, bn, dtype, fmt)
+    if plan_key is not None:
+        _PLANS[bn] = (plan_key, native, onednn, weight, bias)
+    run = _onednn_conv_bn_act if onednn else _conv_bias_act
+    return run(conv, x, weight, bias, residual, relu)
+
+
+def _conv_bias_act(conv, x, weight, bias, residual, relu):
+    """relu?(conv2d(x, w') + b' + residual?) with PyTorch's convolution."""
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if residual is not None:
         y = y + residual
@@ -209,15 +223,14 @@ def _packed(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor):
     return cache[1], cache[2]
 
 
-def _onednn_conv_bn_act(conv, bn, x, residual, relu):
-    """conv(x, w') + b' in one oneDNN call (the bias in its epilogue), then the residual added
+def _onednn_conv_bn_act(conv, x, packed, bias, residual, relu):
+    """conv(x, w') + b' in one oneDNN call (`packed`: w' prepacked for x's shape by _packed;
+    x dense; the bias in its epilogue), then the residual added
     and the ReLU applied in place (``add_``, ``torch.relu_``). Not oneDNN's post-ops for them:
     its ReLU turns NaN into 0, and its binary add post-op measured slower over a whole
     ResNet-20 inference than the separate add (docs/cpu/2026-12-01-onednn-residual.md).
     Not ``aten::_add_relu_`` either: its scalar path (mixed layouts) loses NaN. oneDNN runs
     the prepacked convolution channels-last: the output is channels-last."""
-    x = _dense_layout(x)
-    packed, bias = _packed(conv, bn, x)
     y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(conv.padding),
                                                 list(conv.stride), list(conv.dilation),
                                                 conv.groups, "none", [], "")
@@ -306,44 +319,15 @@ def _planned(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[
     plan = _PLANS.get(bn) if key is not None else None
     if plan is None or plan[0] != key:
         return None, key
+    # the input prepared as folded_conv_bn_act's CPU branch prepared it for the plan
     _, native, onednn, weight, bias = plan
     if residual is not None:
         residual = residual.to(x.dtype)
     if not native:
         x = cpu_channels_last(x)
     if onednn:
-        x = _dense_layout(x)
-        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding),
-                                                    list(conv.stride), list(conv.dilation),
-                                                    conv.groups, "none", [], "")
-        if residual is not None:
-            y = y.add_(residual)
-        return (torch.relu_(y) if relu else y), key
-    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if residual is not None:
-        y = y + residual
-    return (F.relu(y) if relu else y), key
-
-
-def _keep_plan(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor],
-               key) -> None:
-    """After the folded path ran on the CPU: remember its choice for `key` (the same
-    decisions as folded_conv_bn_act's CPU branch; the tensors from its caches)."""
-    if residual is not None:
-        residual = residual.to(x.dtype)
-    native = _native_cpu_conv(conv, x)
-    onednn = False
-    if not native:
-        x = cpu_channels_last(x)
-        onednn = _onednn_ok(conv, x, residual)
-    if onednn:
-        weight, bias = _packed(conv, bn, _dense_layout(x))
-    else:
-        channels_last = x.dim() == 4 and not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        weight, bias = _folded(conv, bn, x.dtype, fmt)
-    _PLANS[bn] = (key, native, onednn, weight, bias)
+        return _onednn_conv_bn_act(conv, _dense_layout(x), weight, bias, residual, relu), key
+    return _conv_bias_act(conv, x, weight, bias, residual, relu), key
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
@@ -363,10 +347,7 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
             y = y + residual
         return F.relu(y) if relu else y
     if fused and can_fold(conv, bn):
-        y = folded_conv_bn_act(conv, bn, x, residual, relu)
-        if key is not None:
-            _keep_plan(conv, bn, x, residual, key)
-        return y
+        return folded_conv_bn_act(conv, bn, x, residual, relu, plan_key=key)
     if fused and triton_conv_for(conv, bn, x, bn.training):
         return materialize(conv_bn_pending(conv, bn, x, relu, use_triton=True), residual)
     y = conv(cpu_conv_layout(x, conv.weight) if fused else x)

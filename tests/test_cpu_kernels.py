@@ -377,28 +377,41 @@ def test_folded_cpu_inference_plan_is_reused_only_while_it_holds(channels_last, 
         cb.conv_bn_act(conv, bn, x, r)
         assert len(calls) == 3
         x2 = torch.randn(2, 8, 10, 10).contiguous(memory_format=fmt)
-        check(cb.conv_bn_act(conv, bn, x2), x2)
+        full = cb.conv_bn_act(conv, bn, x2)
+        check(full, x2)
         assert len(calls) == 4 and cb._PLANS[bn][2], "two images: a oneDNN plan"
-        check(cb.conv_bn_act(conv, bn, x2), x2)
-        assert len(calls) == 4
+        # the plan skips the layout checks only where its input needed no change: the NCHW
+        # input is copied to channels-last again on every planned call
+        assert cb._PLANS[bn][5] == channels_last
+        copies = []
+        to_cl = cb.cpu_channels_last
+        monkeypatch.setattr(cb, "cpu_channels_last", lambda t: copies.append(1) or to_cl(t))
+        planned = cb.conv_bn_act(conv, bn, x2)
+        monkeypatch.setattr(cb, "cpu_channels_last", to_cl)
+        assert len(calls) == 4 and len(copies) == (0 if channels_last else 1)
+        assert torch.equal(planned, full) and planned.stride() == full.stride()
+        other = x2.contiguous(memory_format=torch.contiguous_format if channels_last
+                              else torch.channels_last)
+        check(cb.conv_bn_act(conv, bn, other), other)  # the same shape in the other layout
+        assert len(calls) == 5 and cb._PLANS[bn][5] != channels_last
         check(cb.conv_bn_act(conv, bn, x2, r.double()), x2, r)
-        assert len(calls) == 5
+        assert len(calls) == 6
         bn.eps = 0.5  # the folded weights depend on it
         check(cb.conv_bn_act(conv, bn, x2), x2)
         conv.padding = (0, 0)  # the packed oneDNN weight too
         check(cb.conv_bn_act(conv, bn, x2), x2)
-        assert len(calls) == 7
+        assert len(calls) == 8
         with torch.autocast("cpu", dtype=torch.bfloat16):
             cb.conv_bn_act(conv, bn, x2)
-        assert len(calls) == 8
+        assert len(calls) == 9
         layer = torch.nn.Module()
         layer.conv, layer.bn = conv, bn
         layer.forward = lambda t: cb.conv_bn_act(layer.conv, layer.bn, t)
         traced = torch.jit.trace(layer, (x2,), check_trace=False)
         assert "batch_norm" in str(traced.graph)
-    assert len(calls) == 8
+    assert len(calls) == 9
     out = cb.conv_bn_act(conv, bn, x2)  # gradients: not folded, no plan
-    assert out.requires_grad and len(calls) == 8
+    assert out.requires_grad and len(calls) == 9
     with torch.no_grad():
         check(out, x2)
 

@@ -115,6 +115,7 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
                        residual: Optional[Tensor], relu: bool, plan_key=None) -> Tensor:
     """Eval-mode conv + BN (+ add) (+ ReLU) as one convolution with folded weights. With
     `plan_key` (a CPU call, see _plan_key) the convolution it runs is kept as the layer's plan."""
+    given = x
     dtype = compute_dtype(x)
     x = x.to(dtype)
     if residual is not None:
@@ -155,7 +156,7 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         weight, bias = _folded(conv, bn, dtype, fmt)
     if plan_key is not None:
-        _PLANS[bn] = (plan_key, native, onednn, weight, bias)
+        _PLANS[bn] = (plan_key, native, onednn, weight, bias, x is given)
     run = _onednn_conv_bn_act if onednn else _conv_bias_act
     return run(conv, x, weight, bias, residual, relu)
 
@@ -297,16 +298,17 @@ _mkldnn_enabled = getattr(torch._C, "_get_mkldnn_enabled", lambda: torch.backend
 def _plan_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor]):
     """Everything the folded CPU inference's decisions and folded weights depend on, or None
     where no plan is kept (autocast, another convolution backend, a parametrized weight)."""
+    params = conv._parameters
     if (torch.is_autocast_enabled("cpu") or get_conv_backend() != "cudnn"
-            or "weight" not in conv._parameters):
+            or "weight" not in params):
         return None
-    state = []
-    for d in (conv._parameters, bn._parameters, bn._buffers):
-        for t in d.values():
-            state.append(None if t is None else (t.data_ptr(), t._version))
+    # one comprehension over the tensors (this runs on every layer call: a loop of appends
+    # cost a few microseconds more)
+    state = tuple([None if t is None else (t.data_ptr(), t._version)
+                   for d in (params, bn._parameters, bn._buffers) for t in d.values()])
     return (x.dtype, x.shape, x.stride(), None if residual is None else residual.dtype,
             torch.get_num_threads(), _mkldnn_enabled(), _ONEDNN, _CPU_CHANNELS_LAST,
-            conv.stride, conv.padding, conv.dilation, conv.groups, bn.eps, tuple(state))
+            conv.stride, conv.padding, conv.dilation, conv.groups, bn.eps, state)
 
 
 def _planned(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor],
@@ -319,14 +321,18 @@ def _planned(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[
     plan = _PLANS.get(bn) if key is not None else None
     if plan is None or plan[0] != key:
         return None, key
-    # the input prepared as folded_conv_bn_act's CPU branch prepared it for the plan
-    _, native, onednn, weight, bias = plan
-    if residual is not None:
+    # the input prepared as folded_conv_bn_act's CPU branch prepared it for the plan; `ready`:
+    # that preparation left the input as it was (the key holds its strides, so it does again)
+    _, native, onednn, weight, bias, ready = plan
+    if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
-    if not native:
-        x = cpu_channels_last(x)
+    if not ready:
+        if not native:
+            x = cpu_channels_last(x)
+        if onednn:
+            x = _dense_layout(x)
     if onednn:
-        return _onednn_conv_bn_act(conv, _dense_layout(x), weight, bias, residual, relu), key
+        return _onednn_conv_bn_act(conv, x, weight, bias, residual, relu), key
     return _conv_bias_act(conv, x, weight, bias, residual, relu), key
 
 

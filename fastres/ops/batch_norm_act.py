@@ -185,6 +185,8 @@ def _dense_layout(t: Tensor) -> Tensor:
     """`t` if it is contiguous or channels-last dense, else a contiguous copy."""
     if t.is_contiguous() or t.dim() < 3:
         return t.contiguous()
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t  # without the permute below (a dispatched op: microseconds a call)
     perm = [0, *range(2, t.dim()), 1]
     if t.permute(perm).is_contiguous():
         return t

@@ -153,6 +153,36 @@ def test_deterministic_for_any_thread_count(channels_last, dtype):
         assert torch.equal(a, b2) and torch.equal(b2, c)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["fp32", "fp64", "bf16"])
+def test_one_value_per_channel_and_image_runs_as_rows(dtype, residual):
+    """(N, C, 1, 1) and (N, C, 1) inputs, contiguous or channels-last, hold N rows of C in
+    memory as a 2-D (N, C) input does: they run its kernel (the same bits, outputs, gradients
+    and running statistics) rather than per-channel tasks striding over the rows, and follow
+    the numerics rule."""
+    x, r, grad, w, b = _data((48, 520), dtype, False, residual)
+    rows = _run(x, r, grad, w, b, True)
+    same = _run(x, r, grad, w, b, False)
+    ref = _run(*(t.to(reference_dtype(dtype)) if t is not None else None for t in (x, r, grad)),
+               w, b, False)
+    names = ["out", "grad_input"] + (["grad_residual"] if residual else []) + \
+        ["grad_weight", "grad_bias"]
+    for name, f, s, rf in zip(names, rows, same, ref):
+        assert_close_rule(f, s, rf, dtype, name, mask_flips=name != "out")
+    for shape, fmt in [((48, 520, 1, 1), torch.contiguous_format),
+                       ((48, 520, 1, 1), torch.channels_last), ((48, 520, 1), None)]:
+        def view(t):
+            if t is None:
+                return None
+            t = t.reshape(shape)
+            return t.contiguous(memory_format=fmt) if fmt is not None else t
+        got = _run(view(x), view(r), view(grad), w, b, True)
+        assert got[0].shape == shape and got[0].stride() == view(x).stride()
+        for a, g in zip(rows, got):
+            assert torch.equal(g.reshape(a.shape), a), (shape, fmt)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_recomputed_mask_is_the_stored_outputs_sign(dtype, channels_last):

@@ -64,7 +64,10 @@ namespace {
 cpu::Geometry geometry_of(const at::Tensor& x) {
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t S = (N * C == 0) ? 0 : x.numel() / (N * C);
-  return {uses_channels_last(x), N, C, S, N * S};
+  // one value per channel and image ((N, C, 1, 1), (N, C, 1)): contiguous or not, the memory is
+  // N rows of C, as a 2-D input's; the per-channel NCHW tasks would walk it with a stride of C
+  // (2.3x-5x slower than eager PyTorch there, against 1.7x faster as rows)
+  return {uses_channels_last(x) || S == 1, N, C, S, N * S};
 }
 
 // A [C] parameter or statistic as doubles (fill where absent). Read in place: the small tensor

@@ -3,7 +3,7 @@
 and (for reference) two regions; `gap` us of serial work between rounds (the Python between
 two ops). Microseconds per round beyond the gap; the ideal is 20 (10 for two regions).
 Usage: python docs/cpu/2026-12-02-omp-region-cost.py (builds a small extension first)"""
-import torch, time
+import torch
 from torch.utils.cpp_extension import load_inline
 src = r'''
 #include <ATen/Parallel.h>

@@ -3,7 +3,7 @@ autograd, fp32, 2 threads, training statistics, ReLU), medians of 1,500 calls in
 with each of two builds, alternating, to compare them (the label is the first argument).
 Usage: PYTHONPATH=<checkout> python docs/cpu/2026-12-02-one-region-kernels.py <label>"""
 import torch, time, sys
-import fastres
+import fastres  # noqa: F401  (registers the ops)
 torch.set_num_threads(2)
 op_f = torch.ops.fastres.bn_act_forward.default
 op_b = torch.ops.fastres.bn_act_backward.default

@@ -176,7 +176,7 @@ BackwardResult bn_act_backward_cpu(const at::Tensor& grad_output, const at::Tens
   at::Tensor grad_input = at::empty_like(input);
   at::Tensor grad_residual =
       has_residual ? at::empty_like(input) : at::empty({0}, input.options());
-  std::vector<double> sum_g(g.C, 0.0), sum_gx(g.C, 0.0);
+  std::vector<double> sum_g(g.C, 0.0), sum_gx(g.C, 0.0), gw(g.C, 0.0);
   cpu::BackwardArgs args{input.scalar_type(),
                          g,
                          grad_output.const_data_ptr(),
@@ -192,15 +192,11 @@ BackwardResult bn_act_backward_cpu(const at::Tensor& grad_output, const at::Tens
                          eps,
                          relu,
                          sum_g.data(),
-                         sum_gx.data()};
+                         sum_gx.data(),
+                         gw.data()};
   cpu::kernels().backward(args);
-
-  std::vector<double> gw(g.C), gb(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    gb[c] = sum_g[c];
-    gw[c] = sum_gx[c] / std::sqrt(var[c] + eps);
-  }
-  return {grad_input, grad_residual, stats_tensor(gw, input), stats_tensor(gb, input)};
+  // the bias's gradient is sum_g
+  return {grad_input, grad_residual, stats_tensor(gw, input), stats_tensor(sum_g, input)};
 }
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {

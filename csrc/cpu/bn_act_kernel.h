@@ -58,6 +58,7 @@ struct BackwardArgs {
   bool relu;
   double* sum_g;   // out [C]: sum of the masked gradient
   double* sum_gx;  // out [C]: sum of masked gradient * (x - mean)
+  double* grad_weight;  // out [C]: sum_gx / sqrt(var + eps), as sum_gx * (1 / sqrt(var + eps))
 };
 
 struct Kernels {

@@ -164,12 +164,21 @@ def train(args, data=None) -> Dict[str, Any]:
     saved = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    finished = False
     try:
-        return _train(args, data, device, world, rank, main, distributed)
+        result = _train(args, data, device, world, rank, main, distributed)
+        finished = True
+        return result
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2:]
         if distributed and dist.is_initialized() and not getattr(args, "_keep_pg", False):
+            if finished:
+                # every rank tears down together: a rank that destroyed its gloo group and
+                # exited while rank 0 was still saving and plotting was seen to abort ("terminate
+                # called without an active exception", torch 2.11). Only after a clean finish:
+                # after an error the other ranks may never arrive.
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -301,10 +301,17 @@ def test_folded_cpu_inference_residual_at_small_outputs(hw, channels_last):
     x = torch.randn(3, 24, *hw).contiguous(memory_format=fmt)
     r = torch.randn(3, 40, *hw).contiguous(memory_format=fmt)
     r[1, 2, 0, 0] = float("nan")
-    with torch.no_grad():
-        got = cb.conv_bn_act(conv, bn, x, r, relu=True)
-        assert bn in cb._PACKED  # the oneDNN path ran
-        want = torch.relu(bn(conv(x)) + r)
+    before = torch.get_num_threads()
+    # two threads at least: on one thread PyTorch (and so the folded path) runs an unstrided
+    # 1x1 convolution below a batch of 16 natively, not with oneDNN (as under pytest -n 2)
+    torch.set_num_threads(max(2, before))
+    try:
+        with torch.no_grad():
+            got = cb.conv_bn_act(conv, bn, x, r, relu=True)
+            assert bn in cb._PACKED  # the oneDNN path ran
+            want = torch.relu(bn(conv(x)) + r)
+    finally:
+        torch.set_num_threads(before)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
     assert torch.equal(got.isnan(), want.isnan())
 

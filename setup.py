@@ -178,8 +178,9 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.6", "torchvision", "numpy", "scikit-learn", "matplotlib", "tqdm"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis",
-                                                    "timm", "onnx", "onnxscript", "onnxruntime"]},
+    extras_require={"triton": ["triton"],
+                    "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "timm",
+                             "onnx", "onnxscript", "onnxruntime"]},
     entry_points={"console_scripts": [
         "fastres-train=fastres.train.cli:main",
         "fastres-eval=fastres.train.evaluate:main",

@@ -263,10 +263,6 @@ def _launched(fn):
     return result, launches
 
 
-PASS_KEYS = {"fwd": ("out", "mean", "var", "inference"), "dgrad": ("grad_x", "psg", "psgx"),
-             "wgrad": ("grad_w",)}
-
-
 def _all_passes(shape, dtype=torch.float32, only=None):
     """Forward (prologue + statistics), data and weight gradients (with the prologue), and the
     inference epilogue (bias + residual + ReLU), straight from the kernels; `only` ("fwd",
@@ -296,7 +292,6 @@ def _all_passes(shape, dtype=torch.float32, only=None):
         got["grad_x"], got["psg"], got["psgx"] = K.conv_dgrad(go, w, x, s, p, scale, shift, mean)
     if only in (None, "wgrad"):
         got["grad_w"] = K.conv_wgrad(go, x, w.shape, s, p, scale, shift)
-    assert set(got) == set(PASS_KEYS[only] if only else sum(PASS_KEYS.values(), ()))
     return got
 
 

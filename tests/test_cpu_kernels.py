@@ -4,6 +4,7 @@ channel, several row blocks (NHWC), partial vectors, the second (re-centred) sta
 the double fallback on overflow, and more than one thread; each CPU capability build (DEFAULT,
 AVX2, AVX512) where the machine has it; determinism for any thread count; and the folded CPU
 inference path (oneDNN with prepacked weights)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,10 +51,7 @@ def _run(x, r, grad, w, b, fused, training=True, threads=None):
     w = w.to(sd).requires_grad_(True)
     b = b.to(sd).requires_grad_(True)
     rm, rv = torch.zeros(x.shape[1], dtype=sd), torch.ones(x.shape[1], dtype=sd)
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with _threads(threads or torch.get_num_threads()):
         if fused:
             with fastres.backend("cpu"):
                 y = (batch_norm_relu(x, rm, rv, w, b, training) if r is None
@@ -62,9 +60,18 @@ def _run(x, r, grad, w, b, fused, training=True, threads=None):
             y = unfused(x, r, rm, rv, w, b, training, 0.1, 1e-5)
         inputs = [t for t in (x, r, w, b) if t is not None]
         grads = torch.autograd.grad(y, inputs, grad)
+    return [y.detach(), *grads, rm, rv]
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """PyTorch's intra-op thread count set to n inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(before)
-    return [y.detach(), *grads, rm, rv]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -301,17 +308,12 @@ def test_folded_cpu_inference_residual_at_small_outputs(hw, channels_last):
     x = torch.randn(3, 24, *hw).contiguous(memory_format=fmt)
     r = torch.randn(3, 40, *hw).contiguous(memory_format=fmt)
     r[1, 2, 0, 0] = float("nan")
-    before = torch.get_num_threads()
     # two threads at least: on one thread PyTorch (and so the folded path) runs an unstrided
     # 1x1 convolution below a batch of 16 natively, not with oneDNN (as under pytest -n 2)
-    torch.set_num_threads(max(2, before))
-    try:
-        with torch.no_grad():
-            got = cb.conv_bn_act(conv, bn, x, r, relu=True)
-            assert bn in cb._PACKED  # the oneDNN path ran
-            want = torch.relu(bn(conv(x)) + r)
-    finally:
-        torch.set_num_threads(before)
+    with _threads(max(2, torch.get_num_threads())), torch.no_grad():
+        got = cb.conv_bn_act(conv, bn, x, r, relu=True)
+        assert bn in cb._PACKED  # the oneDNN path ran
+        want = torch.relu(bn(conv(x)) + r)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
     assert torch.equal(got.isnan(), want.isnan())
 

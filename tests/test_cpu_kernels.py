@@ -18,8 +18,11 @@ import fastres
 from fastres.functional import batch_norm_add_relu, batch_norm_relu
 from numerics import assert_close_rule, reference_dtype, unfused
 
-# (N, C, H, W): per-channel sizes of several chunks, NHWC row blocks and partial vectors
-SHAPES = [(4, 24, 40, 40), (3, 37, 17, 19), (2, 520, 7, 7), (64, 16, 8, 8)]
+# (N, C, H, W): per-channel sizes of several chunks, NHWC row blocks and partial vectors; the
+# last two are big enough (at least 2**19 elements) for the NHWC backward's streaming reduction
+# (kStreamReduction): several channel steps with a partial one, and one channel step per row
+SHAPES = [(4, 24, 40, 40), (3, 37, 17, 19), (2, 520, 7, 7), (64, 16, 8, 8), (2, 40, 90, 80),
+          (4, 16, 96, 96)]
 
 
 def _data(shape, dtype, channels_last, residual, seed=0, offset_scale=2.0):
@@ -212,9 +215,9 @@ CAPABILITY_SCRIPT = textwrap.dedent("""
     from fastres.functional import batch_norm_add_relu
     print(fastres.build_info()["cpu_kernels"])
     torch.manual_seed(0)
-    for cl in (False, True):
+    for cl, shape in ((False, (3, 37, 17, 19)), (True, (3, 37, 17, 19)), (True, (2, 37, 90, 80))):
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
-            x = torch.randn(3, 37, 17, 19, dtype=torch.float64) * 2 + 1
+            x = torch.randn(shape, dtype=torch.float64) * 2 + 1
             r = torch.randn_like(x)
             x, r = x.to(dtype), r.to(dtype)
             if cl:

@@ -22,7 +22,10 @@ separate ops (and, with --compile, torch.compile of them), and resnet20 (batch 6
 fused against the same network in plain PyTorch with the same weights, torchvision's, and with
 --compile torch.compile of the plain one (Inductor's CPU backend; minutes of compilation).
 --models and --mode narrow it; --iters / --warmup set the side-by-side rounds (default 7 / 2
-for models, 25 / 3 for ops); --no-ops skips the op table.
+for models, 25 / 3 for ops); --no-ops skips the op table. The op table also gives the minor page
+faults per step; --keep-freed-memory keeps the memory tensors free in the process
+(fastres.bench.heap.keep_freed_memory, glibc) so that no step faults its outputs in afresh,
+which otherwise some processes do on every call and others never (the header says which).
 """
 import argparse
 import os
@@ -49,6 +52,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "side; see above)")
     p.add_argument("--ops", action=argparse.BooleanOptionalAction, default=True,
                    help="with --suite cpu: also the op table (default on)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="with --suite cpu: keep freed memory in the process (glibc mallopt) "
+                        "instead of returning it to the kernel, for every variant alike")
     p.add_argument("--mode", choices=["train", "infer", "both"], default="both",
                    help="training step, inference, or both (default)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -90,6 +96,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if args.device not in (None, "cpu"):
             p.error("--suite cpu runs on the CPU (leave --device out or give cpu)")
         args.device = "cpu"
+    elif args.keep_freed_memory:
+        p.error("--keep-freed-memory goes with --suite cpu")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -189,6 +197,13 @@ def _cpu_suite(args, modes: List[str]) -> int:
     variants = ["fastres", "plain", "torchvision"] + (["torchvision compile"] if args.compile
                                                        else [])
     impls = ["eager"] + (["compile"] if args.compile else []) + ["fastres:cpu"]
+    kept = False
+    if args.keep_freed_memory:
+        from .heap import keep_freed_memory
+        kept = keep_freed_memory()
+        if not kept:
+            print("--keep-freed-memory: this C library has no mallopt; measuring as it is",
+                  file=sys.stderr)
     total = (len(configs) * len(modes)) + (24 if args.ops else 0)
     progress, done = _progress(total)
     op_rows = run_cpu_op_suite(impls=impls, progress=progress) if args.ops else []
@@ -197,7 +212,8 @@ def _cpu_suite(args, modes: List[str]) -> int:
     done()
     meta = environment("cpu")
     meta["settings"] = {"dtype": "fp32", "model warmup/rounds": f"{args.warmup}/{args.iters}",
-                        "compile": bool(args.compile)}
+                        "compile": bool(args.compile),
+                        "freed memory": "kept (mallopt)" if kept else "C library default"}
     if args.ops:
         meta["settings"].update({"op batch": 2, "op warmup/rounds": "3/25"})
     table = cpu_suite_markdown(op_rows, model_rows, meta)

@@ -32,6 +32,7 @@ import torch
 
 import fastres
 
+from .heap import minor_page_faults
 from .timing import Measurement, measure
 from .workloads import make_model, make_model_step
 
@@ -118,11 +119,13 @@ CPU_VARIANTS = ["fastres", "plain", "torchvision", "torchvision compile"]
 
 
 def measure_side_by_side(steps: Dict[str, Callable[[], None]], warmup: int, iters: int,
-                         timer: Callable[[], float] = time.perf_counter) -> Dict[str, Measurement]:
+                         timer: Callable[[], float] = time.perf_counter,
+                         faults: Callable[[], Optional[int]] = minor_page_faults
+                         ) -> Dict[str, Measurement]:
     """Time several steps against each other: after `warmup` rounds, `iters` rounds in each of
     which every step runs once, the order rotating from round to round, so that a slower or
     busier moment of a shared machine falls on all of them alike. Median, min and max per
-    step, in ms."""
+    step, in ms, and the minor page faults per call (read outside the timed interval)."""
     if iters < 1:
         raise ValueError(f"iters must be at least 1, got {iters}")
     names = list(steps)
@@ -130,14 +133,21 @@ def measure_side_by_side(steps: Dict[str, Callable[[], None]], warmup: int, iter
         for name in names:
             steps[name]()
     times: Dict[str, List[float]] = {name: [] for name in names}
+    faulted: Dict[str, Optional[int]] = dict.fromkeys(names, 0)
     for i in range(iters):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
+            f0 = faults()
             t0 = timer()
             steps[name]()
             times[name].append((timer() - t0) * 1e3)
+            f1 = faults()
+            count = faulted[name]
+            faulted[name] = None if None in (f0, f1, count) else count + f1 - f0
     return {name: Measurement(ms=statistics.median(t), ms_min=min(t), ms_max=max(t),
-                              iters=iters, peak_bytes=None, timer="perf_counter")
+                              iters=iters, peak_bytes=None, timer="perf_counter",
+                              minor_faults=None if faulted[name] is None
+                              else faulted[name] / iters)
             for name, t in times.items()}
 
 

@@ -180,6 +180,13 @@ def cpu_suite_markdown(op_rows: List[dict], model_rows: List[dict], meta: dict) 
                          + " | ".join(f"{v:.3f}" if v else "-" for v in t.values())
                          + f" | {_x(t.get('eager'), t.get('fastres:cpu'))}"
                          + f" | {_x(t.get('compile'), t.get('fastres:cpu'))} |")
+        faults = {i: [r["ms"][i].get("minor_faults") for r in op_rows if i in r["ms"]]
+                  for i in impls}
+        if all(f and None not in f for f in faults.values()):
+            lines += ["", "Minor page faults per op step (mean over the shapes; outputs faulted "
+                      "in afresh on every call where freed memory went back to the kernel): "
+                      + ", ".join(f"{_OP_LABELS.get(i, i)} {sum(f) / len(f):.0f}"
+                                  for i, f in faults.items())]
         lines.append("")
     if model_rows:
         variants = list(dict.fromkeys(r["variant"] for r in model_rows))

@@ -30,6 +30,8 @@ class Measurement:
     iters: int
     peak_bytes: Optional[int]
     timer: str                   # "cuda-event" or "perf_counter"
+    # minor page faults per call (mean over the timed calls); where measured (CPU side by side)
+    minor_faults: Optional[float] = None
 
     def per_second(self, amount: float) -> float:
         """`amount` (images, bytes, ...) handled per call, as a rate per second of median time."""

@@ -4,7 +4,8 @@ tensors per call) and of eager PyTorch's separate ops for the same step, in this
 Run it several times: whether glibc gives the freed outputs back to the kernel (and every
 call faults them in again) is decided per process by its heap's layout.
 Usage: python docs/cpu/2026-12-03-page-faults.py CALLS"""
-import resource, sys, time, torch, fastres  # noqa: F401 (registers torch.ops.fastres)
+import sys, time, torch, fastres  # noqa: F401 (registers torch.ops.fastres)
+from fastres.bench.heap import minor_page_faults
 from fastres.bench.workloads import OpCase, make_op_step
 calls = int(sys.argv[1])
 F = torch.ops.fastres.bn_act_forward; B = torch.ops.fastres.bn_act_backward
@@ -23,11 +24,11 @@ steps = {"fastres backward": lambda: B(dy, x, out, w, b, mean, var, True, 1e-5, 
 line = []
 for name, step in steps.items():
     for _ in range(10): step()
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f0 = minor_page_faults()
     ts = []
     for _ in range(calls):
         t = time.perf_counter(); step(); ts.append(time.perf_counter() - t)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / calls
+    faults = (minor_page_faults() - f0) / calls
     ts.sort()
     line.append(f"{name}: {ts[len(ts) // 2] * 1e6:.0f} us, {faults:.0f} faults/call")
 print("; ".join(line), flush=True)

@@ -35,11 +35,12 @@ def _mallopt():
     """glibc's mallopt, or None where the C library has none (musl, macOS, Windows)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        fn = libc.mallopt
-        gnu = libc.gnu_get_libc_version  # glibc only: another libc's mallopt may be a stub
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    del gnu
+    # glibc only (gnu_get_libc_version): another C library's mallopt may be a stub
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version")):
+        return None
+    fn = libc.mallopt
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn

@@ -133,6 +133,38 @@ def test_statistics_recentre_where_the_first_chunk_is_far_from_the_mean(channels
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_a_channels_statistics_do_not_depend_on_its_neighbours(channels_last, dtype):
+    """Where some channels' first values sit far from the rest, only those channels are summed
+    again around their means: every other channel's mean, variance and output are the same
+    bits as when no channel is far (the NHWC kernels once re-centred every channel then)."""
+    n, c, h = 4, 40, 20  # several vector steps with a partial one, several NHWC row blocks
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, c, h, h, generator=g, dtype=torch.float64) * 0.5 + 3.0
+    far = x.clone()
+    far[0, 5, :2, :] += 1000.0
+    far[0, 21, :2, :] -= 500.0
+    others = [k for k in range(c) if k not in (5, 21)]
+
+    def stats(t):
+        t = t.to(dtype)
+        if channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            return torch.ops.fastres.bn_act_forward(t, None, None, None, None, None, True,
+                                                    1e-5, True)
+
+    y0, m0, v0 = stats(x)
+    y1, m1, v1 = stats(far)
+    assert torch.equal(m1[others], m0[others]) and torch.equal(v1[others], v0[others])
+    assert torch.equal(y1[:, others], y0[:, others])
+    ref = far.to(dtype).double()
+    torch.testing.assert_close(m1.double()[[5, 21]], ref.mean((0, 2, 3))[[5, 21]],
+                               rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_float32_squares_that_overflow_fall_back_to_double(channels_last):
     """|x| ~ 1e19: (x - centre)^2 overflows float, the variance (~1e38) does not: it is

@@ -4,7 +4,7 @@ side in one process (measure_side_by_side), freed memory kept (fastres.bench.hea
 BN shapes at batch 2 and 8 (112 px), resnet20's at 64 and resnet18's at 16. Two builds cannot
 share a process: run once per build, alternately, each labelled by TAG, and summarise with
 2026-12-03-cl-kernel-summary.py.
-Usage: TAG=name [DT=bfloat16] python docs/cpu/2026-12-03-cl-kernel-ab.py ROUNDS MAX_ELEMENTS"""
+Usage: TAG=name [DT=bfloat16] [ONLY=2x256x56x56,...] python docs/cpu/2026-12-03-cl-kernel-ab.py ROUNDS MAX_ELEMENTS"""
 import sys, os, torch, fastres  # noqa
 from fastres.bench.heap import keep_freed_memory
 keep_freed_memory()
@@ -13,7 +13,8 @@ from fastres.bench.workloads import OpCase, make_op_step
 it = int(sys.argv[1]); tag = os.environ.get("TAG", "-")
 F = torch.ops.fastres.bn_act_forward; B = torch.ops.fastres.bn_act_backward
 shapes = [s for s in [("bn_relu",2,64,112),("bn_relu",2,64,56),("bn_add_relu",2,256,56),("bn_relu",2,128,56),("bn_relu",2,128,28),("bn_add_relu",2,512,28),("bn_relu",2,256,28),("bn_relu",2,256,14),("bn_add_relu",2,1024,14),("bn_relu",2,512,14),("bn_relu",2,512,7),("bn_add_relu",2,2048,7),
-          ("bn_relu",64,32,16),("bn_add_relu",64,64,8),("bn_relu",16,64,56),("bn_add_relu",16,64,28),("bn_add_relu",16,128,14),("bn_relu",16,256,7),("bn_relu",8,128,14),("bn_add_relu",8,512,14),("bn_relu",8,256,7),("bn_add_relu",8,1024,7),("bn_relu",8,512,4),("bn_add_relu",8,2048,4),("bn_relu",16,512,4),("bn_add_relu",16,256,7)] if len(sys.argv) < 3 or (s[1]*s[3]*s[3] <= int(sys.argv[2]))]
+          ("bn_relu",64,32,16),("bn_add_relu",64,16,32),("bn_add_relu",64,64,8),("bn_relu",16,64,56),("bn_add_relu",16,64,28),("bn_add_relu",16,128,14),("bn_relu",16,256,7),("bn_relu",8,128,14),("bn_add_relu",8,512,14),("bn_relu",8,256,7),("bn_add_relu",8,1024,7),("bn_relu",8,512,4),("bn_add_relu",8,2048,4),("bn_relu",16,512,4),("bn_add_relu",16,256,7)] if (len(sys.argv) < 3 or (s[1]*s[3]*s[3] <= int(sys.argv[2]))) and
+          (not os.environ.get("ONLY") or f"{s[1]}x{s[2]}x{s[3]}x{s[3]}" in os.environ["ONLY"].split(","))]
 for op, n, c, h in shapes:
     x = torch.randn(n,c,h,h, dtype=getattr(torch, os.environ.get("DT","float32"))).contiguous(memory_format=torch.channels_last)
     r = torch.randn_like(x) if op == "bn_add_relu" else None

@@ -143,6 +143,53 @@ def test_shortcut_a_has_no_parameters_and_pads_zeros():
     assert y.shape == (1, 8, 3, 3) and y[:, 4:].eq(0).all() and y[:, :4].eq(1).all()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("stride,cin,cout,size", [(2, 4, 8, 6), (2, 3, 8, 7), (1, 4, 6, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_shortcut_a_equals_plain_and_keeps_the_layout(layout, stride, cin, cout, size,
+                                                             dtype):
+    """The fused blocks' option A (fastres.ops.shortcut_a): the values and the gradient of
+    PyTorch's slice + pad, bit for bit, with output and gradient in the input's layout
+    (PyTorch's slice backward gives an NCHW gradient, which a channels-last network then
+    copies across layouts)."""
+    torch.manual_seed(0)
+    mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, cin, size, size, dtype=dtype).contiguous(memory_format=mf)
+    s = ShortcutA(cin, cout, stride)
+    xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf, yp = s(xf, fused=True), s(xp)
+    assert yf.grad_fn is not None and "ShortcutA" in type(yf.grad_fn).__name__
+    assert "ShortcutA" not in type(yp.grad_fn).__name__
+    assert torch.equal(yf, yp) and yf.dtype == dtype
+    assert yf.is_contiguous(memory_format=mf)
+    g = torch.randn_like(yf)
+    yf.backward(g), yp.backward(g)
+    assert torch.equal(xf.grad, xp.grad)
+    assert xf.grad.is_contiguous(memory_format=mf)
+    # no gradient needed: PyTorch's ops, the same values
+    with torch.no_grad():
+        assert torch.equal(s(x, fused=True), yp.detach())
+
+
+def test_fused_shortcut_a_rejects_fewer_channels_and_runs_in_the_fused_cifar_nets():
+    with pytest.raises(ValueError, match="cannot reduce channels"):
+        fastres.ops.shortcut_a(torch.randn(1, 8, 4, 4), 4, 2)
+    torch.manual_seed(0)
+    fused = fastres.models.resnet20(fused=True)
+    plain = fastres.models.resnet20(fused=False)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    names = []
+    for m in fused.modules():
+        if isinstance(m, ShortcutA):
+            m.register_forward_hook(lambda mod, i, o: names.append(type(o.grad_fn).__name__))
+    fused(x).sum().backward()
+    plain(x).sum().backward()
+    assert len(names) == 2 and all("ShortcutA" in n for n in names)
+    for (k, a), b in zip(fused.named_parameters(), plain.parameters()):
+        assert_close_scaled(a.grad, b.grad, 1e-4, msg=k)
+
+
 def test_compile_fullgraph_block_train_and_eval():
     torch._dynamo.reset()
     torch.manual_seed(0)

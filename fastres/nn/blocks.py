@@ -13,12 +13,14 @@ Shortcuts (the paper's options):
 """
 from typing import Optional
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import get_conv_backend
-from ..export import exporting
+from ..export import exporting, running_eagerly
+from ..ops.shortcut_a import shortcut_a
 from .conv_bn import can_fold, conv_bn_act, make_batch_norm
 from .conv_bn_chain import conv_bn_pending, materialize, triton_conv_for
 
@@ -37,7 +39,11 @@ def conv1x1(in_planes, out_planes, stride=1):
 
 
 class ShortcutA(nn.Module):
-    """Option A: subsample with `stride` and append zero channels up to `out_channels`."""
+    """Option A: subsample with `stride` and append zero channels up to `out_channels`.
+
+    ``forward(x, fused=False)``: the fused blocks pass ``fused=True``, which, where a gradient
+    is needed and the model runs eagerly, computes the same values with output and gradient
+    in the layout of `x` (fastres.ops.shortcut_a); else PyTorch's slice and pad."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
@@ -45,7 +51,9 @@ class ShortcutA(nn.Module):
             raise ValueError(f"shortcut A cannot reduce channels ({in_channels} -> {out_channels})")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if fused and x.requires_grad and torch.is_grad_enabled() and running_eagerly():
+            return shortcut_a(x, self.out_channels, self.stride)
         if self.stride != 1:
             x = x[:, :, ::self.stride, ::self.stride]
         if self.out_channels > self.in_channels:
@@ -81,6 +89,8 @@ class _Block(nn.Module):
         if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d) \
                 and isinstance(ds[1], nn.BatchNorm2d):
             return conv_bn_act(ds[0], ds[1], x, relu=False, fused=self.fused)
+        if isinstance(ds, ShortcutA):
+            return ds(x, fused=self.fused)
         return ds(x)
 
     def _chained(self, x: Tensor) -> bool:

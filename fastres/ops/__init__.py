@@ -1,6 +1,7 @@
 """Fused operators, one file each, registered with torch.library (fake kernels, autograd)."""
 from .batch_norm_act import batch_norm_act
 from .conv_bn import conv_bn
+from .shortcut_a import shortcut_a
 from . import conv_bn_cudnn  # registers the cudnn-fused ops' fake kernels and autograd
 
-__all__ = ["batch_norm_act", "conv_bn"]
+__all__ = ["batch_norm_act", "conv_bn", "shortcut_a"]

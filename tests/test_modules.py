@@ -171,6 +171,22 @@ def test_fused_shortcut_a_equals_plain_and_keeps_the_layout(layout, stride, cin,
         assert torch.equal(s(x, fused=True), yp.detach())
 
 
+def test_fused_shortcut_a_gradcheck_and_non_dense_input():
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    f = lambda t: fastres.ops.shortcut_a(t, 5, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (a,)) and torch.autograd.gradgradcheck(f, (a,))
+    # a non-dense view: an NCHW-contiguous output and gradient, the plain ops' values
+    base = torch.randn(2, 3, 6, 9)
+    v = base[..., :7].requires_grad_()
+    s = ShortcutA(3, 5, 2)
+    y = s(v, fused=True)
+    assert torch.equal(y, s(base[..., :7])) and y.is_contiguous()
+    y.sum().backward()
+    assert v.grad.is_contiguous() and v.grad[:, :, ::2, ::2].eq(1).all()
+    assert v.grad.sum().item() == v[:, :, ::2, ::2].numel()
+
+
 def test_fused_shortcut_a_rejects_fewer_channels_and_runs_in_the_fused_cifar_nets():
     with pytest.raises(ValueError, match="cannot reduce channels"):
         fastres.ops.shortcut_a(torch.randn(1, 8, 4, 4), 4, 2)

@@ -190,6 +190,8 @@ def test_fused_shortcut_a_gradcheck_and_non_dense_input():
 def test_fused_shortcut_a_rejects_fewer_channels_and_runs_in_the_fused_cifar_nets():
     with pytest.raises(ValueError, match="cannot reduce channels"):
         fastres.ops.shortcut_a(torch.randn(1, 8, 4, 4), 4, 2)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\) input"):
+        fastres.ops.shortcut_a(torch.randn(1, 8, 4), 8, 2)
     torch.manual_seed(0)
     fused = fastres.models.resnet20(fused=True)
     plain = fastres.models.resnet20(fused=False)

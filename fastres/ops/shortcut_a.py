@@ -8,7 +8,8 @@ the layout of ``x``. In a channels-last network that gradient meets the channels
 gradient of the block's first convolution; autograd sums the two in whichever layout came
 first, and the BatchNorm before them (fastres's kernels read a gradient in their input's
 layout) then copies the sum across layouts: a transposing copy of the block's whole input on
-every training step (about 2% of a channels-last ResNet-20 step on a 2-core CPU). Here the
+every training step (in the profiler, a copy of about 2% of a channels-last ResNet-20 step
+on a 2-core CPU). Here the
 output and the gradient keep the memory format of ``x``, and the backward writes the zeros
 and the subsampled gradient directly (no pad-backward clone in between).
 
@@ -57,8 +58,8 @@ class ShortcutAFunction(torch.autograd.Function):
 def shortcut_a(x: Tensor, out_channels: int, stride: int) -> Tensor:
     """Option A of `x`: subsampled by `stride`, zero channels appended up to `out_channels`;
     output and gradient in the memory format of `x`."""
-    if x.dim() < 3:
-        raise ValueError(f"shortcut A expects an (N, C, ...) input, got shape {tuple(x.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"shortcut A expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
     if out_channels < x.size(1):
         raise ValueError(f"shortcut A cannot reduce channels ({x.size(1)} -> {out_channels})")
     return ShortcutAFunction.apply(x, out_channels, stride)

@@ -9,9 +9,9 @@ gradient of the block's first convolution; autograd sums the two in whichever la
 first, and the BatchNorm before them (fastres's kernels read a gradient in their input's
 layout) then copies the sum across layouts: a transposing copy of the block's whole input on
 every training step (in the profiler, a copy of about 2% of a channels-last ResNet-20 step
-on a 2-core CPU). Here the
-output and the gradient keep the memory format of ``x``, and the backward writes the zeros
-and the subsampled gradient directly (no pad-backward clone in between).
+on a 2-core CPU). Here the output and the gradient keep the memory format of ``x``, and the
+backward writes the zeros and the subsampled gradient directly (no pad-backward clone in
+between).
 
 Used by the fused blocks (fastres.nn.ShortcutA with ``fused=True``) when a gradient is needed
 and the model runs eagerly; under torch.compile and the exporters the block keeps the plain

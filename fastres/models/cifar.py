@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..nn.blocks import BasicBlock, conv3x3
 from ..nn.conv_bn import conv_bn_act, make_batch_norm
+from ..nn.inference_program import planned_forward
 from .resnet import Block, _check_options, init_weights
 from .weights import WeightsLike, load_weights
 
@@ -67,6 +68,10 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        # CPU inference of a fused model: one program of its folded layers where it holds
+        return planned_forward(self, x, self._forward)
+
+    def _forward(self, x: Tensor) -> Tensor:
         x = conv_bn_act(self.conv1, self.bn1, x, relu=True, fused=self.fused)
 
         x = self.layer1(x)

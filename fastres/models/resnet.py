@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck
 from ..nn.conv_bn import conv_bn_act, make_batch_norm
+from ..nn.inference_program import planned_forward
 from .weights import WeightsLike, load_weights
 
 __all__ = [
@@ -124,6 +125,10 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        # CPU inference of a fused model: one program of its folded layers where it holds
+        return planned_forward(self, x, self._forward)
+
+    def _forward(self, x: Tensor) -> Tensor:
         x = conv_bn_act(self.conv1, self.bn1, x, relu=True, fused=self.fused)
         x = self.maxpool(x)
 

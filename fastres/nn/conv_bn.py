@@ -26,6 +26,7 @@ folded call (``_PLANS``): a later call with the same inputs' dtype, shape and st
 count and parameter versions skips the decisions.
 """
 import os
+import threading
 import weakref
 from typing import Optional
 
@@ -144,8 +145,9 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
         return batch_norm_add_relu(y, residual.to(y.dtype), **args)
     native = _native_cpu_conv(conv, x)
     onednn = False
-    if not native:
+    if _channels_last_conv(native, x):
         x = cpu_channels_last(x)
+    if not native:
         onednn = _onednn_ok(conv, x, residual)
     if onednn:
         x = _dense_layout(x)
@@ -157,16 +159,18 @@ def folded_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
         weight, bias = _folded(conv, bn, dtype, fmt)
     if plan_key is not None:
         _PLANS[bn] = (plan_key, native, onednn, weight, bias, x is given)
+        _record(bn)
     run = _onednn_conv_bn_act if onednn else _conv_bias_act
     return run(conv, x, weight, bias, residual, relu)
 
 
 def _conv_bias_act(conv, x, weight, bias, residual, relu):
-    """relu?(conv2d(x, w') + b' + residual?) with PyTorch's convolution."""
+    """relu?(conv2d(x, w') + b' + residual?) with PyTorch's convolution; the add and the ReLU
+    in place on the convolution's new output (which autograd does not save)."""
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if residual is not None:
-        y = y + residual
-    return F.relu(y) if relu else y
+        y = y.add_(residual)
+    return torch.relu_(y) if relu else y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +199,17 @@ def _native_cpu_conv(conv: nn.Conv2d, x: Tensor) -> bool:
     if (kh, kw) == (1, 1) and not strided and n < 16 and torch.get_num_threads() == 1:
         return True
     return not (conv.groups > 1 or (kh > 3 and kw > 3) or n > 1 or x.numel() > 20480)
+
+
+def _channels_last_conv(native: bool, x: Tensor) -> bool:
+    """Whether the folded CPU inference runs its convolution on a channels-last input: always
+    with oneDNN (its own layout), and with PyTorch's native convolution for a single image,
+    where input and weight channels-last measured twice as fast as both NCHW on ResNet-20's
+    3x3 layers (60 against 128 us at 16x32x32, 46 against 94 at 32x16x16, 37 against 74 at
+    64x8x8; docs/cpu/2026-12-03-batch1-layout.py). A native 1x1 convolution on one thread
+    below a batch of 16 keeps its input's layout (there the two measured alike, or NCHW
+    faster)."""
+    return not native or x.shape[0] == 1
 
 
 def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor]) -> bool:
@@ -321,19 +336,38 @@ def _planned(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[
     plan = _PLANS.get(bn) if key is not None else None
     if plan is None or plan[0] != key:
         return None, key
-    # the input prepared as folded_conv_bn_act's CPU branch prepared it for the plan; `ready`:
-    # that preparation left the input as it was (the key holds its strides, so it does again)
+    _record(bn)
+    return run_plan(conv, plan, x, residual, relu), key
+
+
+def run_plan(conv: nn.Conv2d, plan: tuple, x: Tensor, residual: Optional[Tensor],
+             relu: bool) -> Tensor:
+    """The folded layer's output by `plan` (an entry of _PLANS, made for inputs like these):
+    the input prepared as folded_conv_bn_act's CPU branch prepared it for the plan (`ready`:
+    that preparation left the input as it was; the plan's key holds its strides, so it does
+    again), then the same convolution."""
     _, native, onednn, weight, bias, ready = plan
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
     if not ready:
-        if not native:
+        if _channels_last_conv(native, x):
             x = cpu_channels_last(x)
         if onednn:
             x = _dense_layout(x)
     if onednn:
-        return _onednn_conv_bn_act(conv, x, weight, bias, residual, relu), key
-    return _conv_bias_act(conv, x, weight, bias, residual, relu), key
+        return _onednn_conv_bn_act(conv, x, weight, bias, residual, relu)
+    return _conv_bias_act(conv, x, weight, bias, residual, relu)
+
+
+# While a model's inference program is being made (fastres.nn.inference_program), the
+# BatchNorm of every layer that ran by a plan, in call order, per thread.
+_RECORDING = threading.local()
+
+
+def _record(bn: nn.Module) -> None:
+    layers = getattr(_RECORDING, "layers", None)
+    if layers is not None:
+        layers.append(bn)
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,

@@ -1,0 +1,238 @@
+"""A fused model's CPU inference as one straight program of its folded layers.
+
+Each folded layer of a fused model keeps a plan for its CPU inference (fastres.nn.conv_bn:
+the convolution it chose, the folded weights, keyed by its inputs and parameters), but still
+checks that key and walks the module calls on every layer call: some 30-50 us a layer, as much
+as a convolution of ResNet-20 costs on a single image. torch.compile has none of that at run
+time. So the fused models' forward (fastres.models.ResNet, CifarResNet) runs, where it can, a
+program made from one ordinary forward: the layers' plans in call order, the blocks'
+dataflow (shortcuts, residual adds), the non-folded modules (pooling, option A's shortcut,
+the classifier) called as modules. A call runs the program when one key of the whole model
+holds: the input's dtype, shape and strides; the thread count and the CPU switches the plans
+depend on; every folded layer's parameters and statistics (data pointer and version), its
+convolution's geometry and its BatchNorm's eps and mode; the module tree of the inlined
+modules (no module replaced, added or removed); and no forward hooks on them or global ones.
+Anything else (gradients enabled, autocast, torch.compile, tracing and export, another
+convolution backend, a module of another type than the model's own) takes the ordinary
+forward, which is also what makes a program again when the key changes.
+
+The program calls the same functions the layers' plans call (conv_bn.run_plan), so its output
+is the ordinary forward's bit for bit.
+"""
+import weakref
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.modules import module as _module
+
+from ..backends import get_conv_backend
+from ..export import running_eagerly
+from . import conv_bn as cb
+from .blocks import BasicBlock, Bottleneck, ShortcutA
+
+__all__ = ["planned_forward"]
+
+# model -> _Program; beside the model (as conv_bn's plans), so deepcopy and pickling of a model
+# never meet the packed oneDNN weights a program holds
+_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, _Program]" = weakref.WeakKeyDictionary()
+
+
+def _global_hooks() -> bool:
+    return bool(_module._global_forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_hooks_always_called)
+
+
+def _applicable(model: nn.Module, x: Tensor) -> bool:
+    """Folded CPU inference outside every tracer, with the default convolution backend."""
+    return (running_eagerly() and model.fused and not model.training and type(x) is Tensor
+            and x.is_cpu and x.dim() == 4 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and get_conv_backend() == "cudnn"
+            and not _global_hooks())
+
+
+def planned_forward(model: nn.Module, x: Tensor, forward: Callable[[Tensor], Tensor]) -> Tensor:
+    """`forward(x)` (the model's ordinary forward), or the model's inference program where its
+    key holds for this call; an ordinary call makes the program for the next ones."""
+    if not _applicable(model, x):
+        return forward(x)
+    program = _PROGRAMS.get(model)
+    if program is not None and program.key(model, x) == program.made_for:
+        return program.run(x)
+    _PROGRAMS.pop(model, None)
+    cb._RECORDING.layers = layers = []
+    try:
+        y = forward(x)
+    finally:
+        cb._RECORDING.layers = None
+    program = _Program.make(model, layers)
+    if program is not None:
+        program.made_for = program.key(model, x)
+        if program.made_for is not None:  # (None: a hook on an inlined module)
+            _PROGRAMS[model] = program
+    return y
+
+
+# A folded layer of the program: (conv, bn, plan); a block: (first layers, shortcut, last
+# layer, residual) with the shortcut one of None (identity), ("layer", layer) (a 1x1
+# convolution + BatchNorm, folded), ("module", module, fused keyword) (called as a module).
+_Layer = Tuple[nn.Conv2d, nn.BatchNorm2d, tuple]
+
+
+class _Program:
+    """A fused ResNet's inference, made from the plans of one ordinary forward."""
+
+    def __init__(self):
+        self.made_for = None
+        self.layers: List[_Layer] = []          # every folded layer, in call order
+        self.inlined: List[nn.Module] = []      # modules whose forward the program replaces
+        self.block_modules: List[nn.Module] = []
+        self.top: list = []                     # the model's children at making
+        self.tree: List[Tuple[nn.Module, list]] = []  # (submodule, its children at making)
+        self.dicts: List[dict] = []             # the folded layers' parameter/buffer dicts
+        self.stem: Optional[_Layer] = None
+        self.pre: List[nn.Module] = []          # modules between the stem and the stages
+        self.blocks: list = []
+        self.post: Tuple[nn.Module, nn.Module] = None  # (avgpool, fc)
+
+    # -- making ------------------------------------------------------------------------------
+    @classmethod
+    def make(cls, model: nn.Module, recorded: list) -> "Optional[_Program]":
+        """The program of `model`, or None where its structure is not the fused model's own
+        or a folded layer did not run by a plan in the recorded forward."""
+        from ..models.cifar import CifarResNet
+        from ..models.resnet import ResNet
+
+        p = cls()
+        kind = type(model)
+        if kind is ResNet:
+            names, stages = ["conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4",
+                             "avgpool", "fc"], ["layer1", "layer2", "layer3", "layer4"]
+        elif kind is CifarResNet:
+            names, stages = ["conv1", "bn1", "layer1", "layer2", "layer3", "avgpool",
+                             "fc"], ["layer1", "layer2", "layer3"]
+        else:
+            return None
+        children = model._modules
+        if list(children) != names:
+            return None
+        # (the model's own children apart: the program, a value of the weak-keyed _PROGRAMS,
+        # must not refer to the model, or the model would never be freed)
+        p.top = list(children.values())
+        p.stem = p._layer(children["conv1"], children["bn1"])
+        if "maxpool" in children:
+            p.pre.append(children["maxpool"])
+        for name in stages:
+            stage = children[name]
+            if type(stage) is not nn.Sequential:
+                return None
+            p.tree.append((stage, list(stage._modules.values())))
+            p.inlined.append(stage)
+            for block in stage:
+                b = p._block(block)
+                if b is None:
+                    return None
+                p.blocks.append(b)
+        p.post = (children["avgpool"], children["fc"])
+        if any(layer is None for layer in p.layers):
+            return None
+        # every folded layer ran by its plan, in this order, in the recorded forward
+        if [bn for _, bn, _ in p.layers] != recorded:
+            return None
+        p.layers = [(conv, bn, cb._PLANS.get(bn)) for conv, bn, _ in p.layers]
+        if any(plan is None for _, _, plan in p.layers):
+            return None
+        plans = {id(bn): plan for _, bn, plan in p.layers}
+        p.stem = p._with_plan(p.stem, plans)
+        p.blocks = [(tuple(p._with_plan(l, plans) for l in first),
+                     ("layer", p._with_plan(sc[1], plans)) if sc and sc[0] == "layer" else sc,
+                     p._with_plan(last, plans), residual)
+                    for first, sc, last, residual in p.blocks]
+        return p
+
+    def _layer(self, conv, bn) -> Optional[_Layer]:
+        if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d):
+            self.layers.append(None)
+            return None
+        self.inlined += [conv, bn]
+        # (not conv._buffers: the folded convolution reads none)
+        self.dicts += [conv._parameters, bn._parameters, bn._buffers]
+        layer = (conv, bn, None)
+        self.layers.append(layer)
+        return layer
+
+    @staticmethod
+    def _with_plan(layer: _Layer, plans: dict) -> _Layer:
+        return (layer[0], layer[1], plans[id(layer[1])])
+
+    def _block(self, block: nn.Module):
+        kind = type(block)
+        if kind not in (BasicBlock, Bottleneck) or not block.fused:
+            return None
+        children = block._modules
+        self.tree.append((block, list(children.values())))
+        self.inlined.append(block)
+        self.block_modules.append(block)
+        convs = ["conv1", "conv2"] + (["conv3"] if kind is Bottleneck else [])
+        first = [self._layer(children[c], children["bn" + c[-1]]) for c in convs[:-1]]
+        residual = block.residual
+        shortcut = None
+        ds = children.get("downsample")
+        if residual and ds is not None:
+            if (isinstance(ds, nn.Sequential) and len(ds) == 2
+                    and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], nn.BatchNorm2d)):
+                # (the block's own test, _Block._shortcut)
+                self.tree.append((ds, list(ds._modules.values())))
+                self.inlined.append(ds)
+                shortcut = ("layer", self._layer(ds[0], ds[1]))
+            elif isinstance(ds, ShortcutA):
+                shortcut = ("module", ds, True)
+            else:
+                shortcut = ("module", ds, None)
+        last = self._layer(children[convs[-1]], children["bn" + convs[-1][-1]])
+        return (tuple(first), shortcut, last, residual)
+
+    # -- checking ----------------------------------------------------------------------------
+    def key(self, model: nn.Module, x: Tensor):
+        """What the program depends on, or None where the module tree changed or a hook was
+        added (every such call takes the ordinary forward)."""
+        if list(model._modules.values()) != self.top or not all(
+                [list(m._modules.values()) == kids for m, kids in self.tree]):
+            return None
+        if any([m._forward_hooks or m._forward_pre_hooks for m in self.inlined]):
+            return None
+        state = tuple([None if t is None else (t.data_ptr(), t._version)
+                       for d in self.dicts for t in d.values()])
+        geometry = tuple([(c.stride, c.padding, c.dilation, c.groups, b.eps, b.training)
+                          for c, b, _ in self.layers])
+        blocks = tuple([(b.fused, b.residual) for b in self.block_modules])
+        return (x.dtype, x.shape, x.stride(), torch.get_num_threads(), cb._mkldnn_enabled(),
+                cb._ONEDNN, cb._CPU_CHANNELS_LAST, state, geometry, blocks)
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self, x: Tensor) -> Tensor:
+        run_plan = cb.run_plan
+        conv, _, plan = self.stem
+        x = run_plan(conv, plan, x, None, True)
+        for module in self.pre:
+            x = module(x)
+        for first, shortcut, last, residual in self.blocks:
+            out = x
+            for conv, _, plan in first:
+                out = run_plan(conv, plan, out, None, True)
+            sc = None
+            if residual:
+                if shortcut is None:
+                    sc = x
+                elif shortcut[0] == "layer":
+                    conv, _, plan = shortcut[1]
+                    sc = run_plan(conv, plan, x, None, False)
+                elif shortcut[2] is None:
+                    sc = shortcut[1](x)
+                else:
+                    sc = shortcut[1](x, fused=shortcut[2])
+            conv, _, plan = last
+            x = run_plan(conv, plan, out, sc, True)
+        avgpool, fc = self.post
+        return fc(torch.flatten(avgpool(x), 1))

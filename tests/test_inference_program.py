@@ -1,0 +1,212 @@
+"""The fused models' CPU inference program (fastres.nn.inference_program): the same output as
+the ordinary forward bit for bit, and run only while everything it was made from holds."""
+import copy
+import threading
+
+import pytest
+import torch
+
+import fastres
+import fastres.nn.inference_program as ip
+from fastres.nn.blocks import BasicBlock
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """The number of calls that ran by a program."""
+    count = []
+    run = ip._Program.run
+    monkeypatch.setattr(ip._Program, "run", lambda self, x: count.append(1) or run(self, x))
+    return count
+
+
+def _randomised(model):
+    """Non-trivial BatchNorm statistics and affine parameters (a fresh model's fold to 1, 0)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def _plain_twin(model, fn, **kwargs):
+    plain = fn(fused=False, **kwargs).eval()
+    plain.load_state_dict(model.state_dict())
+    mods = dict(model.named_modules())
+    for name, m in plain.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = mods[name].eps  # (not in the state dict)
+    return plain
+
+
+@pytest.mark.parametrize("name,px,kwargs", [
+    ("resnet20", 32, {}), ("resnet20", 32, {"shortcut": "B"}), ("resnet20", 32, {"shortcut": "C"}),
+    ("plain20", 32, {}), ("resnet18", 48, {}), ("resnet50", 48, {}),
+    ("resnet18", 48, {"shortcut": "A"})])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_program_equals_the_ordinary_forward(name, px, kwargs, batch, channels_last, runs):
+    fn = getattr(fastres.models, name)
+    model = _randomised(fn(**kwargs))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, px, px).contiguous(memory_format=fmt)
+    x[0, 1, 2, 3] = float("nan")  # NaN stays NaN through the folded layers
+    with torch.no_grad():
+        ordinary = model._forward(x)
+        first = model(x)  # the ordinary forward, which makes the program
+        assert not runs and model in ip._PROGRAMS
+        second = model(x)
+        assert len(runs) == 1
+        want = _plain_twin(model, fn, **kwargs)(x)
+    for got in (first, second):
+        assert torch.equal(got.nan_to_num(), ordinary.nan_to_num())
+        assert torch.equal(got.isnan(), ordinary.isnan())
+        assert got.stride() == ordinary.stride()
+    torch.testing.assert_close(second, want, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+def test_program_is_remade_when_what_it_was_made_from_changes(runs):
+    """Each change below makes the next call take the ordinary forward (and make a program
+    again), and every result equals the plain model's with the same weights."""
+    torch.manual_seed(0)
+    model = _randomised(fastres.models.resnet20())
+    x = torch.randn(2, 3, 32, 32)
+
+    def check(expect_run):
+        before = len(runs)
+        got = model(x)
+        assert len(runs) == before + expect_run
+        want = _plain_twin(model, fastres.models.resnet20)(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        return got
+
+    with torch.no_grad():
+        check(0)
+        check(1)
+        conv = model.layer2[1].conv1
+        conv.weight.mul_(-1.5)  # in place, as an optimizer step
+        check(0)
+        check(1)
+        conv.weight.data = torch.randn_like(conv.weight)  # new data, same tensor, same version
+        check(0)
+        check(1)
+        bn = model.layer3[2].bn2
+        bn.load_state_dict({**bn.state_dict(), "running_var": torch.full_like(bn.running_var, 3)})
+        check(0)
+        check(1)
+        bn.eps = 0.25
+        check(0)
+        check(1)
+        model.layer1[1] = copy.deepcopy(model.layer1[1])  # a block replaced
+        model.layer1[1].conv2.weight.mul_(0.5)
+        check(0)
+        check(1)
+        model.layer1[2].bn1 = _randomised(torch.nn.BatchNorm2d(16))  # a plain BatchNorm
+        check(0)
+        check(1)
+        x = torch.randn(3, 3, 32, 32)  # another batch
+        check(0)
+        check(1)
+        x = x.contiguous(memory_format=torch.channels_last)  # another layout
+        check(0)
+        check(1)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2 if threads == 1 else 1)
+            check(0)
+            check(1)
+        finally:
+            torch.set_num_threads(threads)
+        check(0)
+
+
+def test_hooks_modes_and_tracers_take_the_ordinary_forward(runs):
+    torch.manual_seed(0)
+    model = _randomised(fastres.models.resnet20())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model._forward(x)
+        model(x)
+        model(x)
+        assert len(runs) == 1
+        seen = []
+        handle = model.layer2[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert torch.equal(model(x), want) and seen == [torch.Size([2, 32, 16, 16])]
+        assert torch.equal(model(x), want) and len(seen) == 2 and len(runs) == 1
+        handle.remove()
+        model(x)
+        assert torch.equal(model(x), want) and len(runs) == 2
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append(type(m)))
+        try:
+            assert torch.equal(model(x), want)
+            assert BasicBlock in seen and len(runs) == 2
+        finally:
+            handle.remove()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        assert len(runs) == 2
+        model.layer3[0].bn1.momentum = 0.0  # (its running statistics stay as they are)
+        model.layer3[0].bn1.train()  # one BatchNorm in training mode: batch statistics
+        model(x)
+        model(x)
+        assert len(runs) == 2
+        model.layer3[0].bn1.eval()
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x), want, rtol=1e-4, atol=1e-4)
+        assert len(runs) == 2
+    out = model(x)  # gradients enabled: not folded
+    assert out.requires_grad and len(runs) == 2
+    torch.testing.assert_close(out.detach(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_program_under_torch_compile_copies_and_threads(tmp_path, runs):
+    torch.manual_seed(0)
+    model = _randomised(fastres.models.resnet20())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model._forward(x)
+        model(x)
+        assert torch.equal(model(x), want) and len(runs) == 1
+        clone = copy.deepcopy(model)
+        torch.save(model, tmp_path / "m.pt")
+        loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+        for m in (clone, loaded):
+            m(x)
+            assert torch.equal(m(x), want)
+        assert len(runs) == 3
+        results = []
+
+        def infer():  # (grad mode is per thread)
+            with torch.no_grad():
+                for _ in range(3):
+                    results.append(model(x))
+
+        workers = [threading.Thread(target=infer) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert len(results) == 12 and all(torch.equal(r, want) for r in results)
+        compiled = torch.compile(model)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_a_program_is_freed():
+    """The program sits beside the model (a weak-keyed table) and does not refer to it: a model
+    dropped after inference is freed, with its program."""
+    import gc
+    import weakref
+
+    model = fastres.models.resnet20().eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert model in ip._PROGRAMS
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

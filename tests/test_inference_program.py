@@ -108,6 +108,17 @@ def test_program_is_remade_when_what_it_was_made_from_changes(runs):
         model.layer1[2].bn1 = _randomised(torch.nn.BatchNorm2d(16))  # a plain BatchNorm
         check(0)
         check(1)
+        model.train()  # a training-mode forward updates the running statistics
+        model(x * 2 + 1)
+        model.eval()
+        check(0)
+        check(1)
+        plain_bn = model.layer1[2].bn1  # PyTorch's kernel updates them without bumping their
+        plain_bn.train()  # version: its num_batches_tracked tells
+        plain_bn(torch.randn(4, 16, 8, 8) * 3 + 2)
+        plain_bn.eval()
+        check(0)
+        check(1)
         x = torch.randn(3, 3, 32, 32)  # another batch
         check(0)
         check(1)

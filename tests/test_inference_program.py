@@ -221,3 +221,32 @@ def test_a_model_with_a_program_is_freed():
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_program_adds_into_its_own_intermediates_only(monkeypatch, runs):
+    """A block's last layer writes conv + bias + shortcut into the shortcut's buffer (oneDNN's
+    add post-op in place) only where the program made that tensor: never into the caller's
+    input nor into a module's output that a forward hook kept (ResNet-18's first block adds
+    the max-pool's output)."""
+    import fastres.nn.conv_bn as cb
+
+    into = []
+    add_into = cb._onednn_conv_bn_add_into
+    monkeypatch.setattr(cb, "_onednn_conv_bn_add_into",
+                        lambda conv, x, p, b, r, relu: into.append(r.shape) or
+                        add_into(conv, x, p, b, r, relu))
+    torch.manual_seed(0)
+    model = _randomised(fastres.models.resnet18())
+    kept = []
+    model.maxpool.register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
+    x = torch.randn(2, 3, 64, 64)
+    x0 = x.clone()
+    with torch.no_grad():
+        want = model._forward(x)
+        model(x)
+        kept.clear()
+        got = model(x)
+    assert len(runs) == 1 and torch.equal(got, want) and torch.equal(x, x0)
+    assert len(kept) == 1 and torch.equal(kept[0][0], kept[0][1]), "the hook's tensor changed"
+    # every block adds into its own tensors but the first (the max-pool's output)
+    assert len(into) == 7 and torch.Size([2, 64, 16, 16]) in into

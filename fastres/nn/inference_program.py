@@ -215,24 +215,30 @@ class _Program:
         run_plan = cb.run_plan
         conv, _, plan = self.stem
         x = run_plan(conv, plan, x, None, True)
+        # `own`: x is an intermediate only the program holds (a folded layer's output, never
+        # seen outside), so a block's last layer may write its sum into it; not a module's
+        # output (a forward hook on that module may have kept it), nor the caller's input
+        own = True
         for module in self.pre:
             x = module(x)
+            own = False
         for first, shortcut, last, residual in self.blocks:
             out = x
             for conv, _, plan in first:
                 out = run_plan(conv, plan, out, None, True)
-            sc = None
+            sc, sc_own = None, False
             if residual:
                 if shortcut is None:
-                    sc = x
+                    sc, sc_own = x, own
                 elif shortcut[0] == "layer":
                     conv, _, plan = shortcut[1]
-                    sc = run_plan(conv, plan, x, None, False)
+                    sc, sc_own = run_plan(conv, plan, x, None, False), True
                 elif shortcut[2] is None:
                     sc = shortcut[1](x)
                 else:
                     sc = shortcut[1](x, fused=shortcut[2])
             conv, _, plan = last
-            x = run_plan(conv, plan, out, sc, True)
+            x = run_plan(conv, plan, out, sc, True, into_residual=sc_own)
+            own = True
         avgpool, fc = self.post
         return fc(torch.flatten(avgpool(x), 1))

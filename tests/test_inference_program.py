@@ -250,3 +250,31 @@ def test_program_adds_into_its_own_intermediates_only(monkeypatch, runs):
     assert len(kept) == 1 and torch.equal(kept[0][0], kept[0][1]), "the hook's tensor changed"
     # every block adds into its own tensors but the first (the max-pool's output)
     assert len(into) == 7 and torch.Size([2, 64, 16, 16]) in into
+
+
+@pytest.mark.parametrize("name,px", [("resnet20", 32), ("resnet18", 48)])
+def test_inference_mode_with_normal_and_inference_tensor_parameters(name, px):
+    """Under torch.inference_mode the fused models infer as under no_grad (the folded weights
+    made there are inference tensors, which have no version counter). A model made under
+    inference_mode has inference-tensor parameters, whose in-place changes nothing can see:
+    nothing is cached for it, and a change is never answered with stale folded weights."""
+    fn = getattr(fastres.models, name)
+    torch.manual_seed(0)
+    model = _randomised(fn())
+    plain = _plain_twin(model, fn)
+    x = torch.randn(2, 3, px, px)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.testing.assert_close(model(x), plain(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the weights folded under inference_mode, used outside it
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        made = _randomised(fn())
+        assert made.conv1.weight.is_inference()
+        twin = _plain_twin(made, fn)
+        for _ in range(2):
+            torch.testing.assert_close(made(x), twin(x), rtol=1e-4, atol=1e-4)
+        bn = made.layer1[0].bn1
+        bn.running_var.mul_(4)  # in place, no version counter to tell
+        twin.layer1[0].bn1.running_var.mul_(4)
+        torch.testing.assert_close(made(x), twin(x), rtol=1e-4, atol=1e-4)

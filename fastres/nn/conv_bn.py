@@ -93,11 +93,16 @@ def _cache_key(conv, bn, dtype, memory_format):
     nn.BatchNorm2d updates its running statistics in training without bumping their
     ``_version`` (the update happens inside the batch_norm kernel), but it always increments
     ``num_batches_tracked`` in place, which does; so the counter is part of the key.
+    None where a tensor has no version counter (an inference tensor: a model made under
+    torch.inference_mode), whose in-place changes nothing can see: nothing is cached then.
     """
     parts = [dtype, str(memory_format), bn.eps]  # (torch.save cannot pickle a memory_format)
     counter = bn._buffers.get("num_batches_tracked")
-    for t in _tensors(conv, bn) + ([counter] if counter is not None else []):
-        parts.append((t.data_ptr(), t._version, t.dtype, t.device))
+    try:
+        for t in _tensors(conv, bn) + ([counter] if counter is not None else []):
+            parts.append((t.data_ptr(), t._version, t.dtype, t.device))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
     return tuple(parts)
 
 
@@ -105,6 +110,8 @@ def _folded(conv, bn, dtype, memory_format):
     if torch.compiler.is_compiling():
         return fold_conv_bn(conv, bn, dtype, memory_format)
     key = _cache_key(conv, bn, dtype, memory_format)
+    if key is None:
+        return fold_conv_bn(conv, bn, dtype, memory_format)
     cache = bn.__dict__.get("_fastres_folded")
     if cache is None or cache[0] != key:
         cache = (key, *fold_conv_bn(conv, bn, dtype, memory_format))
@@ -227,8 +234,9 @@ def _packed(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor):
     (``_folded``, which recomputes them when a parameter or statistic changes), and repacked
     when those change or the input shape does (oneDNN picks the weight layout for a shape)."""
     weight, bias = _folded(conv, bn, torch.float32, torch.channels_last)
-    key = (id(weight), weight._version, tuple(x.shape), conv.stride, conv.padding, conv.dilation,
-           conv.groups)
+    # (the folded weight is _folded's own tensor, never changed in place: its identity tells;
+    # made under torch.inference_mode it has no version counter to read)
+    key = (tuple(x.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
     cache = _PACKED.get(bn)
     if cache is None or cache[0] != key or cache[3] is not weight:
         packed = torch.ops.mkldnn._reorder_convolution_weight(
@@ -319,8 +327,11 @@ def _plan_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional
         return None
     # one comprehension over the tensors (this runs on every layer call: a loop of appends
     # cost a few microseconds more)
-    state = tuple([None if t is None else (t.data_ptr(), t._version)
-                   for d in (params, bn._parameters, bn._buffers) for t in d.values()])
+    try:
+        state = tuple([None if t is None else (t.data_ptr(), t._version)
+                       for d in (params, bn._parameters, bn._buffers) for t in d.values()])
+    except RuntimeError:  # an inference tensor (no version counter): no plan
+        return None
     return (x.dtype, x.shape, x.stride(), None if residual is None else residual.dtype,
             torch.get_num_threads(), _mkldnn_enabled(), _ONEDNN, _CPU_CHANNELS_LAST,
             conv.stride, conv.padding, conv.dilation, conv.groups, bn.eps, state)

@@ -195,15 +195,19 @@ class _Program:
 
     # -- checking ----------------------------------------------------------------------------
     def key(self, model: nn.Module, x: Tensor):
-        """What the program depends on, or None where the module tree changed or a hook was
-        added (every such call takes the ordinary forward)."""
+        """What the program depends on, or None where the module tree changed, a hook was
+        added or a parameter has no version counter (every such call takes the ordinary
+        forward)."""
         if list(model._modules.values()) != self.top or not all(
                 [list(m._modules.values()) == kids for m, kids in self.tree]):
             return None
         if any([m._forward_hooks or m._forward_pre_hooks for m in self.inlined]):
             return None
-        state = tuple([None if t is None else (t.data_ptr(), t._version)
-                       for d in self.dicts for t in d.values()])
+        try:
+            state = tuple([None if t is None else (t.data_ptr(), t._version)
+                           for d in self.dicts for t in d.values()])
+        except RuntimeError:  # an inference tensor (no version counter): no program
+            return None
         geometry = tuple([(c.stride, c.padding, c.dilation, c.groups, b.eps, b.training)
                           for c, b, _ in self.layers])
         blocks = tuple([(b.fused, b.residual) for b in self.block_modules])

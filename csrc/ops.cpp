@@ -7,6 +7,7 @@
 
 #include "batch_norm_act.h"
 #include "bn_act_python.h"
+#include "tensor_state.h"
 #include "conv_bn_cudnn.h"
 #include "cpu/bn_act_kernel.h"
 
@@ -160,6 +161,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastres C++/CUDA operators (registered under torch.ops.fastres)";
   m.def("build_info", &build_info, "How this extension was built");
   fastres::bind_bn_act_eager(m);
+  fastres::bind_tensor_state(m);
 #ifdef FASTRES_WITH_CUDNN_FUSION
   // (kind, x_shape, w_shape, stride, padding, dtype, prologue, in_relu, stats, residual, relu)
   // -> "" or why not. graph: host-side cudnn_frontend validate(); plan: engines on this GPU.

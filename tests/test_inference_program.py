@@ -278,3 +278,36 @@ def test_inference_mode_with_normal_and_inference_tensor_parameters(name, px):
         bn.running_var.mul_(4)  # in place, no version counter to tell
         twin.layer1[0].bn1.running_var.mul_(4)
         torch.testing.assert_close(made(x), twin(x), rtol=1e-4, atol=1e-4)
+
+
+def test_tensor_state_sees_in_place_changes_new_data_and_inference_tensors():
+    """fastres._C.tensor_state, what the program's and the plans' keys hold of the tensors:
+    it changes with an in-place update, with new data under the same tensor (`.data =`, no
+    version bump) and with a replaced parameter; a None (a conv without bias) is a value of
+    its own; None where a tensor has no version counter; a clear error for anything else."""
+    from fastres._extension import _C
+
+    conv = torch.nn.Conv2d(3, 4, 3, bias=False)
+    bn = torch.nn.BatchNorm2d(4)
+    dicts = [conv._parameters, bn._parameters, bn._buffers]
+    first = _C.tensor_state(dicts)
+    assert isinstance(first, bytes) and len(first) == 2 * 8 * 7  # 7 values, bias None too
+    assert _C.tensor_state(dicts) == first
+    with torch.no_grad():
+        bn.running_var.mul_(2)
+    second = _C.tensor_state(dicts)
+    assert second != first
+    version = conv.weight._version
+    conv.weight.data = torch.randn(4, 3, 3, 3)
+    third = _C.tensor_state(dicts)
+    assert third != second and conv.weight._version == version
+    conv.weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    assert _C.tensor_state(dicts) != third
+    assert _C.tensor_state([{"a": None}]) != _C.tensor_state([{}])
+    with torch.inference_mode():
+        made = torch.nn.Conv2d(3, 4, 3)
+    assert _C.tensor_state([made._parameters]) is None
+    with pytest.raises(TypeError, match="neither a tensor nor None"):
+        _C.tensor_state([{"w": 1.0}])
+    with pytest.raises(TypeError, match="list of dicts"):
+        _C.tensor_state((conv._parameters,))

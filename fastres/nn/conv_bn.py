@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._extension import _C
 from ..backends import get_conv_backend
 from ..export import exporting, running_eagerly
 from ..functional import batch_norm_add_relu, batch_norm_relu
@@ -325,12 +326,10 @@ def _plan_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional
     if (torch.is_autocast_enabled("cpu") or get_conv_backend() != "cudnn"
             or "weight" not in params):
         return None
-    # one comprehension over the tensors (this runs on every layer call: a loop of appends
-    # cost a few microseconds more)
-    try:
-        state = tuple([None if t is None else (t.data_ptr(), t._version)
-                       for d in (params, bn._parameters, bn._buffers) for t in d.values()])
-    except RuntimeError:  # an inference tensor (no version counter): no plan
+    # every data pointer and version in one C++ pass (this runs on every layer call); None:
+    # an inference tensor, which has no version counter: no plan
+    state = _C.tensor_state([params, bn._parameters, bn._buffers])
+    if state is None:
         return None
     return (x.dtype, x.shape, x.stride(), None if residual is None else residual.dtype,
             torch.get_num_threads(), _mkldnn_enabled(), _ONEDNN, _CPU_CHANNELS_LAST,

@@ -19,6 +19,8 @@ forward, which is also what makes a program again when the key changes.
 The program calls the same functions the layers' plans call (conv_bn.run_plan), so its output
 is the ordinary forward's bit for bit.
 """
+import functools
+import operator
 import weakref
 from typing import Callable, List, Optional, Tuple
 
@@ -27,6 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules import module as _module
 
+from .._extension import _C
 from ..backends import get_conv_backend
 from ..export import running_eagerly
 from . import conv_bn as cb
@@ -37,6 +40,11 @@ __all__ = ["planned_forward"]
 # model -> _Program; beside the model (as conv_bn's plans), so deepcopy and pickling of a model
 # never meet the packed oneDNN weights a program holds
 _PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, _Program]" = weakref.WeakKeyDictionary()
+tensor_state = _C.tensor_state  # (csrc/tensor_state.cpp)
+_CONV_GEOMETRY = operator.attrgetter("stride", "padding", "dilation", "groups")
+_BN_MODE = operator.attrgetter("eps", "training")
+_BLOCK_FLAGS = operator.attrgetter("fused", "residual")
+_values = functools.partial(operator.methodcaller, "values")
 
 
 def _global_hooks() -> bool:
@@ -143,6 +151,13 @@ class _Program:
         p.layers = [(conv, bn, cb._PLANS.get(bn)) for conv, bn, _ in p.layers]
         if any(plan is None for _, _, plan in p.layers):
             return None
+        # what key() reads, gathered once: the modules' own dictionaries (of children, of
+        # hooks), which adding a child or registering a hook changes in place
+        p.module_dicts = [m._modules for m, _ in p.tree]
+        p.kids = [kids for _, kids in p.tree]
+        p.hook_dicts = [d for m in p.inlined for d in (m._forward_hooks, m._forward_pre_hooks)]
+        p.convs = [conv for conv, _, _ in p.layers]
+        p.bns = [bn for _, bn, _ in p.layers]
         plans = {id(bn): plan for _, bn, plan in p.layers}
         p.stem = p._with_plan(p.stem, plans)
         p.blocks = [(tuple(p._with_plan(l, plans) for l in first),
@@ -198,21 +213,21 @@ class _Program:
         """What the program depends on, or None where the module tree changed, a hook was
         added or a parameter has no version counter (every such call takes the ordinary
         forward)."""
-        if list(model._modules.values()) != self.top or not all(
-                [list(m._modules.values()) == kids for m, kids in self.tree]):
+        # (map over operator's getters: loops in C. Right after a forward every object here is
+        # out of the caches, so the key costs several times what it does in a tight loop)
+        if (list(model._modules.values()) != self.top
+                or list(map(list, map(_values(), self.module_dicts))) != self.kids
+                or any(map(len, self.hook_dicts))):
             return None
-        if any([m._forward_hooks or m._forward_pre_hooks for m in self.inlined]):
+        # every data pointer and version, packed (None: an inference tensor, which has no
+        # version counter: no program)
+        state = tensor_state(self.dicts)
+        if state is None:
             return None
-        try:
-            state = tuple([None if t is None else (t.data_ptr(), t._version)
-                           for d in self.dicts for t in d.values()])
-        except RuntimeError:  # an inference tensor (no version counter): no program
-            return None
-        geometry = tuple([(c.stride, c.padding, c.dilation, c.groups, b.eps, b.training)
-                          for c, b, _ in self.layers])
-        blocks = tuple([(b.fused, b.residual) for b in self.block_modules])
         return (x.dtype, x.shape, x.stride(), torch.get_num_threads(), cb._mkldnn_enabled(),
-                cb._ONEDNN, cb._CPU_CHANNELS_LAST, state, geometry, blocks)
+                cb._ONEDNN, cb._CPU_CHANNELS_LAST, state,
+                list(map(_CONV_GEOMETRY, self.convs)), list(map(_BN_MODE, self.bns)),
+                list(map(_BLOCK_FLAGS, self.block_modules)))
 
     # -- running -----------------------------------------------------------------------------
     def run(self, x: Tensor) -> Tensor:

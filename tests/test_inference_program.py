@@ -311,3 +311,23 @@ def test_tensor_state_sees_in_place_changes_new_data_and_inference_tensors():
         _C.tensor_state([{"w": 1.0}])
     with pytest.raises(TypeError, match="list of dicts"):
         _C.tensor_state((conv._parameters,))
+
+
+@pytest.mark.parametrize("batch", [1, 2], ids=["native", "onednn"])
+def test_frozen_model_folds_and_gives_the_input_its_gradient(batch, runs):
+    """Eval with gradients enabled but frozen parameters still folds (nothing of the model
+    needs a gradient), with the add and ReLU in place on the convolution's output, and no
+    program (gradients enabled): the input's gradient is the plain model's."""
+    torch.manual_seed(0)
+    model = _randomised(fastres.models.resnet20())
+    plain = _plain_twin(model, fastres.models.resnet20)
+    for p in list(model.parameters()) + list(plain.parameters()):
+        p.requires_grad_(False)
+    x = torch.randn(batch, 3, 32, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, want = model(x), plain(x2)
+    y.sum().backward()
+    want.sum().backward()
+    assert not runs
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)

@@ -81,13 +81,18 @@ def make_shortcut(shortcut: str, residual: bool, in_channels: int, out_channels:
     return None
 
 
+def is_conv_bn(ds: Optional[nn.Module]) -> bool:
+    """A shortcut the blocks run as one conv-BN layer: Sequential(Conv2d, BatchNorm2d)."""
+    return (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
+            and isinstance(ds[1], nn.BatchNorm2d))
+
+
 class _Block(nn.Module):
     def _shortcut(self, x: Tensor) -> Tensor:
         ds = self.downsample
         if ds is None:
             return x
-        if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d) \
-                and isinstance(ds[1], nn.BatchNorm2d):
+        if is_conv_bn(ds):
             return conv_bn_act(ds[0], ds[1], x, relu=False, fused=self.fused)
         if isinstance(ds, ShortcutA):
             return ds(x, fused=self.fused)
@@ -105,8 +110,7 @@ class _Block(nn.Module):
 
     def _shortcut_chained(self, x: Tensor) -> Tensor:
         ds = self.downsample
-        if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d) \
-                and isinstance(ds[1], nn.BatchNorm2d):
+        if is_conv_bn(ds):
             return materialize(conv_bn_pending(ds[0], ds[1], x, relu=False))
         return self._shortcut(x)
 

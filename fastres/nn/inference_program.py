@@ -19,7 +19,6 @@ forward, which is also what makes a program again when the key changes.
 The program calls the same functions the layers' plans call (conv_bn.run_plan), so its output
 is the ordinary forward's bit for bit.
 """
-import functools
 import operator
 import weakref
 from typing import Callable, List, Optional, Tuple
@@ -33,7 +32,7 @@ from .._extension import _C
 from ..backends import get_conv_backend
 from ..export import running_eagerly
 from . import conv_bn as cb
-from .blocks import BasicBlock, Bottleneck, ShortcutA
+from .blocks import BasicBlock, Bottleneck, ShortcutA, is_conv_bn
 
 __all__ = ["planned_forward"]
 
@@ -44,7 +43,7 @@ tensor_state = _C.tensor_state  # (csrc/tensor_state.cpp)
 _CONV_GEOMETRY = operator.attrgetter("stride", "padding", "dilation", "groups")
 _BN_MODE = operator.attrgetter("eps", "training")
 _BLOCK_FLAGS = operator.attrgetter("fused", "residual")
-_values = functools.partial(operator.methodcaller, "values")
+_VALUES = operator.methodcaller("values")
 
 
 def _global_hooks() -> bool:
@@ -195,9 +194,7 @@ class _Program:
         shortcut = None
         ds = children.get("downsample")
         if residual and ds is not None:
-            if (isinstance(ds, nn.Sequential) and len(ds) == 2
-                    and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], nn.BatchNorm2d)):
-                # (the block's own test, _Block._shortcut)
+            if is_conv_bn(ds):  # (as _Block._shortcut)
                 self.tree.append((ds, list(ds._modules.values())))
                 self.inlined.append(ds)
                 shortcut = ("layer", self._layer(ds[0], ds[1]))
@@ -216,7 +213,7 @@ class _Program:
         # (map over operator's getters: loops in C. Right after a forward every object here is
         # out of the caches, so the key costs several times what it does in a tight loop)
         if (list(model._modules.values()) != self.top
-                or list(map(list, map(_values(), self.module_dicts))) != self.kids
+                or list(map(list, map(_VALUES, self.module_dicts))) != self.kids
                 or any(map(len, self.hook_dicts))):
             return None
         # every data pointer and version, packed (None: an inference tensor, which has no

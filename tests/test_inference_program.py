@@ -8,7 +8,7 @@ import torch
 
 import fastres
 import fastres.nn.inference_program as ip
-from fastres.nn.blocks import BasicBlock
+from fastres.nn.blocks import BasicBlock, Bottleneck
 
 
 @pytest.fixture
@@ -173,6 +173,69 @@ def test_hooks_modes_and_tracers_take_the_ordinary_forward(runs):
     out = model(x)  # gradients enabled: not folded
     assert out.requires_grad and len(runs) == 2
     torch.testing.assert_close(out.detach(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_own_forwards_of_blocks_stages_and_model_take_the_ordinary_forward(runs):
+    # a forward set on an instance (as accelerate's hooks and debugging patches do) is what the
+    # ordinary forward calls; the program, which inlines the stages and blocks, must not run
+    torch.manual_seed(0)
+    model = _randomised(fastres.models.resnet20())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model._forward(x)
+        model(x)
+        assert torch.equal(model(x), want) and len(runs) == 1
+        for module in (model.layer2[1], model.layer3):
+            original = module.forward
+            module.forward = lambda t, f=original: f(t) * 0.5
+            patched = model._forward(x)
+            assert not torch.equal(patched, want)
+            assert torch.equal(model(x), patched) and torch.equal(model(x), patched)
+            assert len(runs) == 1
+            del module.forward
+            model(x)  # the program made again
+            assert torch.equal(model(x), want) and len(runs) == 2
+            runs.pop()
+        # option A's shortcut is called as a module by the program too: its own forward runs
+        shortcut = model.layer2[0].downsample
+        original = shortcut.forward
+        shortcut.forward = lambda t, fused=False: original(t, fused=fused) * 0.5
+        patched = model._forward(x)
+        assert not torch.equal(patched, want)
+        assert torch.equal(model(x), patched) and torch.equal(model(x), patched)
+        assert len(runs) == 3  # (the same program)
+        del shortcut.forward
+        assert torch.equal(model(x), want) and len(runs) == 4
+        del runs[1:]
+        ordinary = model._forward
+        model._forward = lambda t: ordinary(t) * 2
+        assert torch.equal(model(x), want * 2) and torch.equal(model(x), want * 2)
+        assert len(runs) == 1
+        del model._forward
+        model(x)
+        assert torch.equal(model(x), want) and len(runs) == 2
+
+
+@pytest.mark.parametrize("name,px,cls", [("resnet20", 32, BasicBlock),
+                                         ("resnet50", 32, Bottleneck),
+                                         ("resnet20", 32, torch.nn.Sequential)])
+def test_patched_class_forwards_take_the_ordinary_forward(name, px, cls, monkeypatch, runs):
+    torch.manual_seed(0)
+    model = _randomised(getattr(fastres.models, name)())
+    x = torch.randn(1, 3, px, px)
+    with torch.no_grad():
+        want = model._forward(x)
+        model(x)
+        assert torch.equal(model(x), want) and len(runs) == 1
+        original = cls.forward
+        with monkeypatch.context() as patch:
+            patch.setattr(cls, "forward", lambda self, t: original(self, t) + 1)
+            patched = model._forward(x)
+            assert not torch.equal(patched, want)
+            assert torch.equal(model(x), patched) and torch.equal(model(x), patched)
+            assert len(runs) == 1
+        model(x)
+        assert torch.equal(model(x), want) and len(runs) == 2
 
 
 def test_program_under_torch_compile_copies_and_threads(tmp_path, runs):

@@ -11,7 +11,9 @@ the classifier) called as modules. A call runs the program when one key of the w
 holds: the input's dtype, shape and strides; the thread count and the CPU switches the plans
 depend on; every folded layer's parameters and statistics (data pointer and version), its
 convolution's geometry and its BatchNorm's eps and mode; the module tree of the inlined
-modules (no module replaced, added or removed); and no forward hooks on them or global ones.
+modules (no module replaced, added or removed); no forward hooks on them or global ones; and
+no forward of its own on a stage or block (an instance attribute, as accelerate's hooks and
+debugging patches set) nor a patched class forward of the stages and blocks.
 Anything else (gradients enabled, autocast, torch.compile, tracing and export, another
 convolution backend, a module of another type than the model's own) takes the ordinary
 forward, which is also what makes a program again when the key changes.
@@ -44,6 +46,15 @@ _CONV_GEOMETRY = operator.attrgetter("stride", "padding", "dilation", "groups")
 _BN_MODE = operator.attrgetter("eps", "training")
 _BLOCK_FLAGS = operator.attrgetter("fused", "residual")
 _VALUES = operator.methodcaller("values")
+_HAS_FORWARD = operator.methodcaller("__contains__", "forward")
+# the forwards the program inlines (a patched class forward is called by the ordinary forward
+# and must be: no program then)
+_INLINED_FORWARDS = ((nn.Sequential, nn.Sequential.forward), (BasicBlock, BasicBlock.forward),
+                     (Bottleneck, Bottleneck.forward))
+
+
+def _patched_forwards() -> bool:
+    return any(cls.forward is not fn for cls, fn in _INLINED_FORWARDS)
 
 
 def _global_hooks() -> bool:
@@ -155,6 +166,9 @@ class _Program:
         p.module_dicts = [m._modules for m, _ in p.tree]
         p.kids = [kids for _, kids in p.tree]
         p.hook_dicts = [d for m in p.inlined for d in (m._forward_hooks, m._forward_pre_hooks)]
+        # the instance dictionaries of the inlined stages, blocks and shortcuts, where a
+        # `forward` of their own would be found before the class's
+        p.instance_dicts = [vars(m) for m, _ in p.tree]
         p.convs = [conv for conv, _, _ in p.layers]
         p.bns = [bn for _, bn, _ in p.layers]
         plans = {id(bn): plan for _, bn, plan in p.layers}
@@ -207,14 +221,16 @@ class _Program:
 
     # -- checking ----------------------------------------------------------------------------
     def key(self, model: nn.Module, x: Tensor):
-        """What the program depends on, or None where the module tree changed, a hook was
-        added or a parameter has no version counter (every such call takes the ordinary
-        forward)."""
+        """What the program depends on, or None where the module tree changed, a hook or a
+        forward of its own was added, a class forward patched, or a parameter has no version
+        counter (every such call takes the ordinary forward)."""
         # (map over operator's getters: loops in C. Right after a forward every object here is
         # out of the caches, so the key costs several times what it does in a tight loop)
         if (list(model._modules.values()) != self.top
                 or list(map(list, map(_VALUES, self.module_dicts))) != self.kids
-                or any(map(len, self.hook_dicts))):
+                or any(map(len, self.hook_dicts))
+                or any(map(_HAS_FORWARD, self.instance_dicts)) or "_forward" in vars(model)
+                or _patched_forwards()):
             return None
         # every data pointer and version, packed (None: an inference tensor, which has no
         # version counter: no program)

@@ -31,6 +31,11 @@ inline bool uses_channels_last(const at::Tensor& x) {
   return !x.is_contiguous();
 }
 
+// The CPU kernels store outputs of at least `bytes` bytes streaming (non-temporal); returns the
+// previous threshold (csrc/cpu/batch_norm_act_cpu.cpp). Bound as
+// fastres._C._cpu_stream_store_min_bytes, for side-by-side measurements.
+int64_t set_stream_store_min_bytes(int64_t bytes);
+
 inline at::ScalarType stat_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

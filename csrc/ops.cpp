@@ -162,6 +162,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built");
   fastres::bind_bn_act_eager(m);
   fastres::bind_tensor_state(m);
+  m.def("_cpu_stream_store_min_bytes", &fastres::set_stream_store_min_bytes,
+        "Set the size from which the CPU BatchNorm kernels store their outputs streaming "
+        "(non-temporal stores); returns the previous one",
+        pybind11::arg("bytes"));
 #ifdef FASTRES_WITH_CUDNN_FUSION
   // (kind, x_shape, w_shape, stride, padding, dtype, prologue, in_relu, stats, residual, relu)
   // -> "" or why not. graph: host-side cudnn_frontend validate(); plan: engines on this GPU.

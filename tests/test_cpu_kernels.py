@@ -288,6 +288,71 @@ def test_every_capability_build(capability):
     assert picked == expected and ok == "ok"
 
 
+STREAM_SCRIPT = textwrap.dedent("""
+    import torch, fastres
+    from fastres._extension import _C
+    from fastres.functional import batch_norm_add_relu, batch_norm_relu
+    print(fastres.build_info()["cpu_kernels"])
+    torch.manual_seed(0)
+
+    def step(x, r, w, b):
+        x = x.detach().clone().requires_grad_(True)
+        leaves = [x, w, b] + ([r.detach().clone().requires_grad_(True)] if r is not None else [])
+        y = (batch_norm_relu(x, None, None, w, b, True) if r is None
+             else batch_norm_add_relu(x, leaves[3], None, None, w, b, True))
+        return [y, *torch.autograd.grad(y, leaves, torch.randn_like(y).sign())]
+
+    # whole-vector rows and planes (streamed where asked), channels-last rows that are not
+    # whole vectors at AVX512 (24 channels: not streamed there, at AVX2 they are), planes
+    # that are not (5x5)
+    for shape in ((2, 32, 16, 16), (3, 24, 20, 20), (2, 48, 5, 5)):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for cl in (False, True):
+                for residual in (False, True):
+                    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype)
+                    r = torch.randn_like(x) if residual else None
+                    if cl:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                        r = r.contiguous(memory_format=torch.channels_last) if residual else None
+                    sd = torch.float64 if dtype == torch.float64 else torch.float32
+                    w = torch.linspace(0.5, 1.5, shape[1], dtype=sd).requires_grad_(True)
+                    b = torch.linspace(-0.2, 0.2, shape[1], dtype=sd).requires_grad_(True)
+                    outs = []
+                    for bytes_ in (0, 1 << 62):  # every output streamed where it may be; none
+                        _C._cpu_stream_store_min_bytes(bytes_)
+                        torch.manual_seed(1)
+                        outs.append(step(x, r, w, b))
+                    for a, e in zip(*outs):
+                        assert torch.equal(a, e), (shape, dtype, cl, residual)
+                        assert a.stride() == e.stride()
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_streaming_stores_give_the_plain_stores_bits(capability):
+    """Outputs stored streaming (non-temporal stores, from a size on:
+    fastres._C._cpu_stream_store_min_bytes) are the plain stores' bit for bit, in every
+    capability build, dtype, layout and alignment case."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", STREAM_SCRIPT], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[1] == "ok"
+
+
+def test_stream_store_threshold_is_set_and_restored():
+    from fastres._extension import _C
+
+    default = _C._cpu_stream_store_min_bytes(123)
+    try:
+        assert default == 4 << 20
+        assert _C._cpu_stream_store_min_bytes(456) == 123
+    finally:
+        _C._cpu_stream_store_min_bytes(default)
+    assert _C._cpu_stream_store_min_bytes(default) == default
+
+
 # ------------------------------------------------------------------- folded CPU inference
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

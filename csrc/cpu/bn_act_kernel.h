@@ -39,6 +39,9 @@ struct ForwardArgs {
   bool training;
   double eps;
   bool relu;
+  // the elementwise pass may store y streaming (non-temporal, past the caches): see
+  // stream_stores() in batch_norm_act_cpu.cpp
+  bool stream_stores;
 };
 
 struct BackwardArgs {
@@ -59,6 +62,7 @@ struct BackwardArgs {
   double* sum_g;   // out [C]: sum of the masked gradient
   double* sum_gx;  // out [C]: sum of masked gradient * (x - mean)
   double* grad_weight;  // out [C]: sum_gx / sqrt(var + eps), as sum_gx * (1 / sqrt(var + eps))
+  bool stream_stores;   // dx and dr may be stored streaming (as ForwardArgs::stream_stores)
 };
 
 struct Kernels {

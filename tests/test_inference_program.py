@@ -216,6 +216,19 @@ def test_own_forwards_of_blocks_stages_and_model_take_the_ordinary_forward(runs)
         assert torch.equal(model(x), want) and len(runs) == 2
 
 
+def test_a_batchnorm_shared_by_two_layers_takes_the_ordinary_forward(runs):
+    # plans are kept per BatchNorm: one in two layers holds its last layer's folded weights
+    torch.manual_seed(0)
+    model = _randomised(fastres.models.resnet20())
+    model.layer1[1].bn1 = model.layer1[0].bn1
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model._forward(x)
+        for _ in range(3):
+            assert torch.equal(model(x), want)
+    assert not runs
+
+
 @pytest.mark.parametrize("name,px,cls", [("resnet20", 32, BasicBlock),
                                          ("resnet50", 32, Bottleneck),
                                          ("resnet20", 32, torch.nn.Sequential)])

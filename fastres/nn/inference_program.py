@@ -13,7 +13,8 @@ depend on; every folded layer's parameters and statistics (data pointer and vers
 convolution's geometry and its BatchNorm's eps and mode; the module tree of the inlined
 modules (no module replaced, added or removed); no forward hooks on them or global ones; and
 no forward of its own on a stage or block (an instance attribute, as accelerate's hooks and
-debugging patches set) nor a patched class forward of the stages and blocks.
+debugging patches set) nor a patched class forward of the stages and blocks. A model with a
+BatchNorm in two layers gets no program (the plans are kept per BatchNorm).
 Anything else (gradients enabled, autocast, torch.compile, tracing and export, another
 convolution backend, a module of another type than the model's own) takes the ordinary
 forward, which is also what makes a program again when the key changes.
@@ -155,11 +156,12 @@ class _Program:
         p.post = (children["avgpool"], children["fc"])
         if any(layer is None for layer in p.layers):
             return None
-        # every folded layer ran by its plan, in this order, in the recorded forward
-        if [bn for _, bn, _ in p.layers] != recorded:
-            return None
-        p.layers = [(conv, bn, cb._PLANS.get(bn)) for conv, bn, _ in p.layers]
-        if any(plan is None for _, _, plan in p.layers):
+        # every folded layer ran by its plan (the one it holds now), in this order, in the
+        # recorded forward; and no BatchNorm in two layers (plans are kept per BatchNorm: a
+        # shared one holds the plan of its last call only, with that layer's folded weights)
+        bns = [bn for _, bn, _ in p.layers]
+        if (bns != recorded or len(set(map(id, bns))) != len(bns)
+                or any(plan is None for _, _, plan in p.layers)):
             return None
         # what key() reads, gathered once: the modules' own dictionaries (of children, of
         # hooks), which adding a child or registering a hook changes in place
@@ -170,13 +172,7 @@ class _Program:
         # `forward` of their own would be found before the class's
         p.instance_dicts = [vars(m) for m, _ in p.tree]
         p.convs = [conv for conv, _, _ in p.layers]
-        p.bns = [bn for _, bn, _ in p.layers]
-        plans = {id(bn): plan for _, bn, plan in p.layers}
-        p.stem = p._with_plan(p.stem, plans)
-        p.blocks = [(tuple(p._with_plan(l, plans) for l in first),
-                     ("layer", p._with_plan(sc[1], plans)) if sc and sc[0] == "layer" else sc,
-                     p._with_plan(last, plans), residual)
-                    for first, sc, last, residual in p.blocks]
+        p.bns = bns
         return p
 
     def _layer(self, conv, bn) -> Optional[_Layer]:
@@ -186,13 +182,10 @@ class _Program:
         self.inlined += [conv, bn]
         # (not conv._buffers: the folded convolution reads none)
         self.dicts += [conv._parameters, bn._parameters, bn._buffers]
-        layer = (conv, bn, None)
+        # the plan the recorded forward left (None: the layer did not run by one)
+        layer = (conv, bn, cb._PLANS.get(bn))
         self.layers.append(layer)
         return layer
-
-    @staticmethod
-    def _with_plan(layer: _Layer, plans: dict) -> _Layer:
-        return (layer[0], layer[1], plans[id(layer[1])])
 
     def _block(self, block: nn.Module):
         kind = type(block)

@@ -222,8 +222,10 @@ def test_a_batchnorm_shared_by_two_layers_takes_the_ordinary_forward(runs):
     model = _randomised(fastres.models.resnet20())
     model.layer1[1].bn1 = model.layer1[0].bn1
     x = torch.randn(2, 3, 32, 32)
+    unfolded = model(x).detach()  # (gradients enabled: BatchNorm not folded)
     with torch.no_grad():
         want = model._forward(x)
+        torch.testing.assert_close(want, unfolded, rtol=1e-4, atol=1e-4)
         for _ in range(3):
             assert torch.equal(model(x), want)
     assert not runs

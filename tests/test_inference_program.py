@@ -43,6 +43,19 @@ def _plain_twin(model, fn, **kwargs):
     return plain
 
 
+def _resnet20_with_program(runs):
+    """A randomised fused resnet20, an input, the ordinary forward's output, and the program
+    made and run once."""
+    torch.manual_seed(0)
+    model = _randomised(fastres.models.resnet20())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model._forward(x)
+        model(x)
+        assert torch.equal(model(x), want) and len(runs) == 1
+    return model, x, want
+
+
 @pytest.mark.parametrize("name,px,kwargs", [
     ("resnet20", 32, {}), ("resnet20", 32, {"shortcut": "B"}), ("resnet20", 32, {"shortcut": "C"}),
     ("plain20", 32, {}), ("resnet18", 48, {}), ("resnet50", 48, {}),
@@ -136,14 +149,8 @@ def test_program_is_remade_when_what_it_was_made_from_changes(runs):
 
 
 def test_hooks_modes_and_tracers_take_the_ordinary_forward(runs):
-    torch.manual_seed(0)
-    model = _randomised(fastres.models.resnet20())
-    x = torch.randn(2, 3, 32, 32)
+    model, x, want = _resnet20_with_program(runs)
     with torch.no_grad():
-        want = model._forward(x)
-        model(x)
-        model(x)
-        assert len(runs) == 1
         seen = []
         handle = model.layer2[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
         assert torch.equal(model(x), want) and seen == [torch.Size([2, 32, 16, 16])]
@@ -178,13 +185,8 @@ def test_hooks_modes_and_tracers_take_the_ordinary_forward(runs):
 def test_own_forwards_of_blocks_stages_and_model_take_the_ordinary_forward(runs):
     # a forward set on an instance (as accelerate's hooks and debugging patches do) is what the
     # ordinary forward calls; the program, which inlines the stages and blocks, must not run
-    torch.manual_seed(0)
-    model = _randomised(fastres.models.resnet20())
-    x = torch.randn(2, 3, 32, 32)
+    model, x, want = _resnet20_with_program(runs)
     with torch.no_grad():
-        want = model._forward(x)
-        model(x)
-        assert torch.equal(model(x), want) and len(runs) == 1
         for module in (model.layer2[1], model.layer3):
             original = module.forward
             module.forward = lambda t, f=original: f(t) * 0.5
@@ -254,13 +256,8 @@ def test_patched_class_forwards_take_the_ordinary_forward(name, px, cls, monkeyp
 
 
 def test_program_under_torch_compile_copies_and_threads(tmp_path, runs):
-    torch.manual_seed(0)
-    model = _randomised(fastres.models.resnet20())
-    x = torch.randn(2, 3, 32, 32)
+    model, x, want = _resnet20_with_program(runs)
     with torch.no_grad():
-        want = model._forward(x)
-        model(x)
-        assert torch.equal(model(x), want) and len(runs) == 1
         clone = copy.deepcopy(model)
         torch.save(model, tmp_path / "m.pt")
         loaded = torch.load(tmp_path / "m.pt", weights_only=False)

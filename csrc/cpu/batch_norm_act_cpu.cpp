@@ -124,11 +124,12 @@ at::Tensor stats_tensor(const std::vector<double>& v, const at::Tensor& like) {
 // which write whole lines past the caches instead of first reading each line in (a plain store
 // to a line not in the cache reads it from memory first). On the 2-core AMD EPYC VM (32 MiB
 // L3) a 6.4 MB elementwise pass took 553-629 us with plain stores and 277-281 us streaming;
-// the op steps (forward + backward, batch 2) of ResNet-50's BatchNorm layers of 3.2 and 6.4 MB
-// ran 1.01x-1.31x faster, those of 1.6 MB 0.96x-1.14x (noise-sized), and whole training steps
-// alike within the noise (0.98x-1.07x) (docs/cpu/2026-12-03-stream-stores.md). Smaller outputs
+// the op steps (forward + backward, batch 2) of ResNet-50's 6.4 MB BatchNorm layers ran
+// 1.07x-1.31x faster, and whole training steps alike within the noise (0.98x-1.07x). From
+// 2 MiB on, resnet20 channels-last (outputs of 2 and 4 MiB read by the next convolution right
+// away) leaned slower (0.975x, 0.987x) (docs/cpu/2026-12-03-stream-stores.md). Smaller outputs
 // keep plain stores: whoever reads them next may still find them in the caches.
-std::atomic<int64_t> g_stream_min_bytes{int64_t(2) << 20};
+std::atomic<int64_t> g_stream_min_bytes{int64_t(4) << 20};
 
 bool stream_stores(const at::Tensor& out) {
   return static_cast<int64_t>(out.nbytes()) >= g_stream_min_bytes.load(std::memory_order_relaxed);

@@ -346,7 +346,7 @@ def test_stream_store_threshold_is_set_and_restored():
 
     default = _C._cpu_stream_store_min_bytes(123)
     try:
-        assert default == 4 << 20
+        assert default == 5 << 20
         assert _C._cpu_stream_store_min_bytes(456) == 123
     finally:
         _C._cpu_stream_store_min_bytes(default)

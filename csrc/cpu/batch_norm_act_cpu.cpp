@@ -127,9 +127,10 @@ at::Tensor stats_tensor(const std::vector<double>& v, const at::Tensor& like) {
 // the op steps (forward + backward, batch 2) of ResNet-50's 6.4 MB BatchNorm layers ran
 // 1.07x-1.31x faster, and whole training steps alike within the noise (0.98x-1.07x). From
 // 2 MiB on, resnet20 channels-last (outputs of 2 and 4 MiB read by the next convolution right
-// away) leaned slower (0.975x, 0.987x) (docs/cpu/2026-12-03-stream-stores.md). Smaller outputs
-// keep plain stores: whoever reads them next may still find them in the caches.
-std::atomic<int64_t> g_stream_min_bytes{int64_t(4) << 20};
+// away) leaned slower (0.975x, 0.987x) (docs/cpu/2026-12-03-stream-stores.md), so the line is
+// drawn above 4 MiB. Smaller outputs keep plain stores: whoever reads them next may still find
+// them in the caches.
+std::atomic<int64_t> g_stream_min_bytes{int64_t(5) << 20};
 
 bool stream_stores(const at::Tensor& out) {
   return static_cast<int64_t>(out.nbytes()) >= g_stream_min_bytes.load(std::memory_order_relaxed);

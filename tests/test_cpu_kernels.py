@@ -19,10 +19,12 @@ from fastres.functional import batch_norm_add_relu, batch_norm_relu
 from numerics import assert_close_rule, reference_dtype, unfused
 
 # (N, C, H, W): per-channel sizes of several chunks, NHWC row blocks and partial vectors; the
-# last two are big enough (at least 2**19 elements) for the NHWC backward's streaming reduction
-# (kStreamReduction): several channel steps with a partial one, and one channel step per row
-SHAPES = [(4, 24, 40, 40), (3, 37, 17, 19), (2, 520, 7, 7), (64, 16, 8, 8), (2, 40, 90, 80),
-          (4, 16, 96, 96)]
+# last three are big enough (at least 2**19 elements) for the NHWC backward's streaming
+# reduction (kStreamReduction), which runs where a row holds more than one channel group (more
+# than 64 float channels at AVX512, 16 at AVX2): several channel groups with a partial step;
+# a row of one group with a partial step (tiles at AVX512); one channel step per row
+SHAPES = [(4, 24, 40, 40), (3, 37, 17, 19), (2, 520, 7, 7), (64, 16, 8, 8), (2, 72, 60, 64),
+          (2, 40, 90, 80), (4, 16, 96, 96)]
 
 
 def _data(shape, dtype, channels_last, residual, seed=0, offset_scale=2.0):

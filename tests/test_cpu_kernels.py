@@ -163,8 +163,14 @@ def test_a_channels_statistics_do_not_depend_on_its_neighbours(channels_last, dt
     assert torch.equal(m1[others], m0[others]) and torch.equal(v1[others], v0[others])
     assert torch.equal(y1[:, others], y0[:, others])
     ref = far.to(dtype).double()
-    torch.testing.assert_close(m1.double()[[5, 21]], ref.mean((0, 2, 3))[[5, 21]],
-                               rtol=1e-6, atol=1e-6)
+    # the far channels' means to float accuracy on the channel's spread (its standard deviation
+    # 80-160 here, its mean -9.5 and 28: a bar relative to the mean would ask more of a float
+    # sum than its rounding gives; on AVX2 bfloat16 the 16-step first chunk of channel 21 lands
+    # within a standard deviation of the mean, so it is not re-centred, and its mean is 1.4e-6
+    # off relatively, 1.7e-7 of the spread)
+    spread = ref.std((0, 2, 3))[[5, 21]]
+    err = (m1.double()[[5, 21]] - ref.mean((0, 2, 3))[[5, 21]]).abs()
+    assert (err <= 1e-6 * spread).all(), (err, spread)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -335,7 +341,13 @@ STREAM_SCRIPT = textwrap.dedent("""
 def test_streaming_stores_give_the_plain_stores_bits(capability):
     """Outputs stored streaming (non-temporal stores, from a size on:
     fastres._C._cpu_stream_store_min_bytes) are the plain stores' bit for bit, in every
-    capability build, dtype, layout and alignment case."""
+    capability build, dtype, layout and alignment case (the builds this machine can run:
+    above its capability PyTorch's own kernels, torch.sign's at AVX512 on an AVX2 machine,
+    execute instructions it lacks)."""
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    supported = torch.backends.cpu.get_cpu_capability()
+    if supported not in order or order.index(capability.upper()) > order.index(supported):
+        pytest.skip(f"this machine's CPU runs {supported}, not {capability}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     out = subprocess.run([sys.executable, "-c", STREAM_SCRIPT], env=env, capture_output=True,
                          text=True)

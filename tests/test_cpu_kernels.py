@@ -193,14 +193,19 @@ def test_float32_squares_that_overflow_fall_back_to_double(channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_deterministic_for_any_thread_count(channels_last, dtype):
-    """Same bits with 1 and 2 threads and from run to run: fixed chunks, fixed combine order."""
-    x, r, grad, w, b = _data((4, 24, 40, 40), dtype, channels_last, True)
+@pytest.mark.parametrize("shape", [(4, 24, 40, 40), (2, 520, 7, 7), (3, 1030, 5, 7)],
+                         ids=["24ch", "520ch", "1030ch"])
+def test_deterministic_for_any_thread_count(channels_last, dtype, shape):
+    """Same bits with 1, 2 and 3 threads and from run to run: fixed chunks, fixed combine
+    order. The wide shapes: channels-last row blocks of few rows, a short last block, channels
+    that are not whole vector steps."""
+    x, r, grad, w, b = _data(shape, dtype, channels_last, True)
     one = _run(x, r, grad, w, b, True, threads=1)
     two = _run(x, r, grad, w, b, True, threads=2)
+    three = _run(x, r, grad, w, b, True, threads=3)
     again = _run(x, r, grad, w, b, True, threads=2)
-    for a, b2, c in zip(one, two, again):
-        assert torch.equal(a, b2) and torch.equal(b2, c)
+    for a, b2, b3, c in zip(one, two, three, again):
+        assert torch.equal(a, b2) and torch.equal(b2, b3) and torch.equal(b2, c)
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])

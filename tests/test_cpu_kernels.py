@@ -285,6 +285,10 @@ CAPABILITY_SCRIPT = textwrap.dedent("""
 """)
 
 
+# the x86 capability builds of the kernels, lowest first (ATEN_CPU_CAPABILITY's names, upper-case)
+CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]
+
+
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_capability_build(capability):
     """Each at::vec build of the kernels, as ATEN_CPU_CAPABILITY selects it (a machine without
@@ -295,7 +299,7 @@ def test_every_capability_build(capability):
     assert out.returncode == 0, out.stderr[-2000:]
     picked, ok = out.stdout.split()
     supported = torch.backends.cpu.get_cpu_capability()
-    order = ["DEFAULT", "AVX2", "AVX512"]
+    order = CAPABILITIES
     expected = order[min(order.index(capability.upper()), order.index(supported))] \
         if supported in order else "DEFAULT"
     assert picked == expected and ok == "ok"
@@ -349,8 +353,7 @@ def test_streaming_stores_give_the_plain_stores_bits(capability):
     capability build, dtype, layout and alignment case (the builds this machine can run:
     above its capability PyTorch's own kernels, torch.sign's at AVX512 on an AVX2 machine,
     execute instructions it lacks)."""
-    order = ["DEFAULT", "AVX2", "AVX512"]
-    supported = torch.backends.cpu.get_cpu_capability()
+    order, supported = CAPABILITIES, torch.backends.cpu.get_cpu_capability()
     if supported not in order or order.index(capability.upper()) > order.index(supported):
         pytest.skip(f"this machine's CPU runs {supported}, not {capability}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
